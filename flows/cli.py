@@ -1,0 +1,155 @@
+"""The `loram` command line: `run` (the Prefect flow), `inspect` and `plan` (no Prefect needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loram_core.errors import LoramError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="LoRAM provider: prune, align, quantize, publish."
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML preset, e.g. configs/demo.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: prune.ratio=0.5")] = None,  # noqa: UP045
+) -> None:
+    """Run the provider flow on CONFIG and print what was published."""
+    from loram_core.config import load_config
+    from loram_core.steps import preflight
+
+    try:
+        cfg = load_config(config, overrides or [])
+        preflight(cfg)
+    except LoramError as err:
+        _fail(err)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from flows.provider import provider
+    from tasks import _progress
+
+    bars: dict[str, int] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+
+        def listen(name: str, done: int, total: int, event: dict) -> None:
+            if name not in bars:
+                bars[name] = bar.add_task(name, total=total, info="")
+            info = f"loss {event['loss']:.3f}" if "loss" in event else ""
+            bar.update(bars[name], completed=done, total=total, info=info)
+
+        _progress.LISTENERS.append(listen)
+        try:
+            result = provider(cfg.model_dump(mode="json"))
+        except LoramError as err:
+            _fail(err)
+        finally:
+            _progress.LISTENERS.remove(listen)
+    _print_summary(result)
+
+
+def _print_summary(result: dict) -> None:
+    m, p = result["metrics"], result["params"]
+    table = Table(title=f"published {result['uri']}")
+    table.add_column("model")
+    table.add_column("held-out perplexity", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_row("original", f"{m['original_ppl']:.2f}", f"{p['original_params']:,}")
+    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{p['pruned_params']:,}")
+    table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{p['pruned_params']:,}")
+    if "aligned_nf4_ppl" in m:
+        table.add_row("aligned, NF4", f"{m['aligned_nf4_ppl']:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
+    console.print(table)
+    recovered = m.get("recovered")
+    console.print(
+        f"reduction {p['reduction']:.2f}x; alignment recovered "
+        + (f"{100 * recovered:.0f}% of the pruning damage" if recovered is not None else "n/a")
+    )
+
+
+@app.command()
+def inspect(uri: Annotated[str, typer.Argument(help="<bucket>/<name>[/<version>]")]) -> None:
+    """Verify a published version against its manifest and print the manifest."""
+    from loram_core.storage import verify_version
+
+    try:
+        manifest = verify_version(uri)
+    except LoramError as err:
+        _fail(err)
+    console.print_json(manifest.model_dump_json())
+    err_console.print(f"[green]verified[/] {len(manifest.files)} files of {manifest.name}/{manifest.version}")
+
+
+@app.command()
+def plan(
+    source: Annotated[Path, typer.Argument(help="a model directory or its config.json")],
+    strategy: Annotated[str, typer.Option(help="random | structured | semi | unstructured")] = "structured",
+    ratio: Annotated[float, typer.Option(help="fraction removed")] = 0.5,
+    keep_first: Annotated[Optional[int], typer.Option(help="leading layers left dense")] = None,  # noqa: UP045
+    keep_last: Annotated[Optional[int], typer.Option(help="trailing layers left dense")] = None,  # noqa: UP045
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON object")] = False,
+) -> None:
+    """Widths, parameter counts and HBM of a pruning config, with no weights loaded."""
+    from loram_core.config import parse_config
+    from loram_core.prune.plan import plan as make_plan
+    from loram_core.prune.plan import read_model_config
+
+    try:
+        prune_cfg = parse_config(
+            {
+                "prune": {
+                    "strategy": strategy,
+                    "ratio": ratio,
+                    "keep_first": keep_first,
+                    "keep_last": keep_last,
+                }
+            },
+            source="command-line options",
+        ).prune
+        p = make_plan(read_model_config(source), prune_cfg)
+    except LoramError as err:
+        _fail(err)
+    if as_json:
+        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+        return
+    table = Table(title=f"{strategy} at {ratio}")
+    for col in ("layer", "heads", "kv heads", "intermediate"):
+        table.add_column(col, justify="right")
+    for i, w in enumerate(p.layers):
+        mark = "" if i in p.pruned_layers else " (dense)"
+        table.add_row(f"{i}{mark}", str(w["heads"]), str(w["kv_heads"]), str(w["intermediate"]))
+    console.print(table)
+    console.print(
+        f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {p.hbm_gb:.2f} GB bf16, "
+        f"{p.hbm_gb_4bit:.2f} GB 4-bit (QLoRAM accounting), {p.hbm_gb_4bit_actual:.2f} GB 4-bit actual"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

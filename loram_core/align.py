@@ -1,0 +1,243 @@
+"""Alignment: full-parameter continual pre-training (next-token loss) of a pruned model.
+
+The loop reads top to bottom: pick the step's blocks from a seeded order, forward/backward with
+gradient accumulation, clip, step, re-apply sparse masks, schedule the learning rate, report,
+checkpoint. A checkpoint holds everything a resumed run needs (weights, optimizer, scheduler, RNG,
+step — the data position follows from the step), written atomically, so a run killed at any
+moment continues from the last checkpoint and follows the uninterrupted run's trajectory.
+The same loop pretrains the demo base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from loram_core.config import AlignConfig
+from loram_core.optim import build_optimizer
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sample_positions(first_sample: int, count: int, n_blocks: int, seed: int) -> torch.Tensor:
+    """Indices of samples `[first_sample, first_sample + count)` in the seeded epoch order."""
+    out = []
+    for pos in range(first_sample, first_sample + count):
+        epoch, offset = divmod(pos, n_blocks)
+        perm = _epoch_perm(epoch, n_blocks, seed)
+        out.append(perm[offset])
+    return torch.stack(out)
+
+
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _epoch_perm(epoch: int, n_blocks: int, seed: int) -> torch.Tensor:
+    key = (epoch, n_blocks, seed)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()  # one epoch in use at a time (two at an epoch boundary)
+        _PERM_CACHE[key] = torch.randperm(
+            n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        )
+    return _PERM_CACHE[key]
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast where asked (or `auto` on a device with bf16 support), else nothing."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights again (sparse strategies): the pattern must survive every step."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def _save_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer, scheduler, step: int, result: TrainResult
+) -> None:
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "trainer.json").write_text(
+        json.dumps(
+            {"step": step, "losses": result.losses, "tokens": result.tokens, "seconds": result.seconds}
+        )
+    )
+    # Swap in the new checkpoint: the old one stays until the new one is complete on disk.
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if ckpt_dir.exists():
+        ckpt_dir.rename(old)
+    tmp.rename(ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Remove a finished run's checkpoint; call it once the final model is safely saved."""
+    for suffix in ("", ".tmp", ".old"):
+        shutil.rmtree(Path(checkpoint_dir) / f"checkpoint{suffix}", ignore_errors=True)
+
+
+def _find_checkpoint(ckpt_dir: Path) -> Path | None:
+    # A kill between the two renames leaves only `.old`: it is complete, use it.
+    for candidate in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):
+        if (candidate / "trainer.json").is_file():
+            return candidate
+    return None
+
+
+def train_causal_lm(
+    model: nn.Module,
+    train_blocks: torch.Tensor,
+    cfg: AlignConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+    progress: ProgressFn | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` in place on `train_blocks` with the next-token loss.
+
+    Args:
+        model: a transformers causal LM (plain or pruned), on the device to train on.
+        train_blocks: int32 `[n_blocks, seq_len]` token blocks.
+        cfg: steps, batch, optimizer, schedule, precision, checkpoint rhythm.
+        checkpoint_dir: where checkpoints go; an existing one there is resumed from.
+        masks: parameter name -> keep-mask (sparse strategies); re-applied after every step.
+        progress: called with a dict (step, total, loss, lr, tokens_per_s) every `log_every` steps.
+        stop_after: stop (after checkpointing) once this step is reached; for tests of resumption.
+
+    Returns:
+        The loss history and throughput.
+    """
+    device = next(model.parameters()).device
+    if cfg.freeze_lm_head and hasattr(model, "lm_head"):
+        model.lm_head.weight.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        cfg.optimizer,
+        params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        flora_rank=cfg.flora_rank,
+        flora_kappa=cfg.flora_kappa,
+        seed=cfg.seed,
+    )
+    schedule = cosine_with_warmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    result = TrainResult(steps=cfg.steps)
+    start_step = 0
+    ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
+    found = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if found is not None:
+        load_model(model, str(found / "model.safetensors"), device=str(device))
+        state = torch.load(found / "state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        meta = json.loads((found / "trainer.json").read_text())
+        start_step = meta["step"]
+        result.losses = [tuple(x) for x in meta["losses"]]
+        result.tokens, result.seconds, result.resumed_from = meta["tokens"], meta["seconds"], start_step
+
+    model.train()
+    n_blocks, seq_len = train_blocks.shape
+    per_step = cfg.batch_size * cfg.grad_accum
+    window: list[float] = []
+    t0 = time.perf_counter()
+    seconds_before = result.seconds
+    for step in range(start_step, cfg.steps):
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            idx = sample_positions(
+                step * per_step + micro * cfg.batch_size, cfg.batch_size, n_blocks, cfg.seed
+            )
+            batch = train_blocks[idx].to(device=device, dtype=torch.long)
+            with autocast_context(cfg.precision, device):
+                loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if masks:
+            apply_masks(model, masks)
+        result.tokens += per_step * seq_len
+        window.append(step_loss)
+        done = step + 1
+        result.seconds = seconds_before + time.perf_counter() - t0
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            result.losses.append((done, sum(window) / len(window)))
+            window.clear()
+            if progress is not None:
+                progress(
+                    {
+                        "step": done,
+                        "total": cfg.steps,
+                        "loss": result.losses[-1][1],
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": result.tokens_per_second,
+                    }
+                )
+        stopping = stop_after is not None and done >= stop_after
+        if ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
+            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, result)
+        if stopping:
+            break
+    model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return result

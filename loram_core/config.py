@@ -1,0 +1,259 @@
+"""Pipeline configuration: pydantic models mirrored 1:1 by the YAML presets in `configs/`.
+
+A config is loaded with `load_config(path, overrides)`, where overrides are dotted assignments
+such as `prune.ratio=0.5`. Every problem is reported as a `ConfigError` naming the key, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from loram_core.errors import ConfigError
+
+Strategy = Literal["random", "structured", "semi", "unstructured"]
+STRUCTURED: tuple[str, ...] = ("random", "structured")
+SPARSE: tuple[str, ...] = ("semi", "unstructured")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `prune.ration` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoBaseConfig(_Section):
+    """The small LLaMA-architecture model that `base.source: demo` builds and pretrains locally."""
+
+    vocab_size: int = Field(2048, ge=256, description="BPE vocabulary trained on the demo corpus.")
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(384, ge=16)
+    num_hidden_layers: int = Field(6, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1, description="Fewer than heads: a GQA model, as LLaMA-3.")
+    seq_len: int = Field(128, ge=16, description="Pretraining block length in tokens.")
+    pretrain_steps: int = Field(900, ge=0)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DemoBaseConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; pick sizes where it is"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        return self
+
+
+class BaseConfig(_Section):
+    """Where the original (unpruned) model comes from."""
+
+    source: str = Field(
+        "demo",
+        description="`demo` (build the embedded small model) or a directory holding a transformers "
+        "checkpoint (config.json, safetensors weights, tokenizer).",
+    )
+    demo: DemoBaseConfig = DemoBaseConfig()
+    cache_dir: str = Field("~/.cache/loram-provider", description="Where the demo model is cached.")
+
+
+class CorpusConfig(_Section):
+    """The general text corpus used for calibration, alignment and held-out perplexity."""
+
+    paths: list[str] | Literal["demo"] = Field(
+        "demo",
+        description="`demo` (text the project builds from the Python standard library's documentation) "
+        "or files/globs of text, jsonl or parquet.",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    seq_len: int = Field(256, ge=16, description="Block length in tokens for alignment and evaluation.")
+    max_tokens: int | None = Field(None, ge=1, description="Token budget for the training split.")
+    heldout_fraction: float = Field(
+        0.05, gt=0, lt=1, description="Share of documents held out for perplexity (chosen by content hash)."
+    )
+    eval_blocks: int = Field(32, ge=1, description="Held-out blocks scored for perplexity.")
+    seed: int = 0
+
+
+class PruneConfig(_Section):
+    """Pruning: which strategy, how much, and which layers."""
+
+    strategy: Strategy = "random"
+    ratio: float = Field(0.5, gt=0.0, lt=1.0, description="Fraction removed, 0 < ratio < 1.")
+    keep_first: int | None = Field(
+        None, ge=0, description="Leading layers left dense; default 4 (structured) or 0 (sparse)."
+    )
+    keep_last: int | None = Field(
+        None, ge=0, description="Trailing layers left dense; default 2 (structured) or 0 (sparse)."
+    )
+    importance: Literal["param_first", "vector", "param_second", "param_mix"] = Field(
+        "param_first", description="Taylor estimator for `structured` (LLM-Pruner's names)."
+    )
+    sparse_method: Literal["sparsegpt", "wanda", "magnitude"] = Field(
+        "sparsegpt", description="Solver for `semi` and `unstructured`; wanda and magnitude are baselines."
+    )
+    n_m: tuple[int, int] = Field((2, 4), description="n:m pattern for `semi`: n zeros in every m weights.")
+    calib_samples: int = Field(32, ge=1, description="Calibration blocks from the corpus.")
+    damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
+    blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
+    seed: int = 0
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """The `[start, stop)` range of decoder layers this config prunes."""
+        first = self.keep_first if self.keep_first is not None else (4 if self.strategy in STRUCTURED else 0)
+        last = self.keep_last if self.keep_last is not None else (2 if self.strategy in STRUCTURED else 0)
+        if first + last >= num_layers:
+            raise ConfigError(
+                f"prune.keep_first={first} and prune.keep_last={last} leave no layer to prune in a "
+                f"model with {num_layers} layers; lower them so that keep_first + keep_last < {num_layers}."
+            )
+        return first, num_layers - last
+
+
+class AlignConfig(_Section):
+    """Alignment: continual pre-training of the pruned model on the corpus (next-token loss)."""
+
+    enabled: bool = True
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "flora"] = "adamw"
+    flora_rank: int = Field(8, ge=1)
+    flora_kappa: int = Field(100, ge=1, description="FLoRA resamples its projection every kappa steps.")
+    freeze_lm_head: bool = True
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast where the device supports it, else fp32."
+    )
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class QuantizeConfig(_Section):
+    """Optional 4-bit variant (QLoRAM), made with bitsandbytes."""
+
+    enabled: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+
+
+class PublishConfig(_Section):
+    """Where and under which name the result is published."""
+
+    uri: str = Field("file://./bucket", description="fsspec URI of the bucket root (file://, s3://).")
+    name: str = Field("demo-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: UTC timestamp of the run."
+    )
+
+
+class PipelineConfig(_Section):
+    """The whole provider job; one section per step."""
+
+    workdir: str = Field(".loram/work", description="Step outputs, keyed by the hash of their inputs.")
+    base: BaseConfig = BaseConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    prune: PruneConfig = PruneConfig()
+    align: AlignConfig = AlignConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    publish: PublishConfig = PublishConfig()
+
+
+def fingerprint(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (configs, file lists) for step keys."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars give the natural types: 0.5 -> float, true -> bool, [2, 4] -> list, x -> str.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `key.sub=value` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"override {item!r} is not of the form key.sub=value (for example prune.ratio=0.5)."
+            )
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section.")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key `{key}` (check its spelling; see configs/demo.yaml for every key)")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, dict) else f" = {value!r}"
+            lines.append(f"`{key}`{shown}: {e['msg']}")
+    return f"invalid configuration in {source}: " + "; ".join(lines) + "."
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
+    """Validate a nested dict into a `PipelineConfig`, raising `ConfigError` on any problem."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML preset, apply dotted overrides and validate.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key or value is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass a YAML preset such as configs/demo.yaml."
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (base, prune, ...).")
+    apply_overrides(data, overrides or [])
+    return parse_config(data, source=str(path))

@@ -1,0 +1,173 @@
+"""The general corpus: read with `datasets`, tokenized, packed into fixed-length blocks, split.
+
+Blocks are int32 tensors of shape `[num_blocks, seq_len]` stored in one safetensors file, so a
+re-run (or another step) reads them back without re-tokenizing and without pickle.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
+
+from loram_core.config import CorpusConfig
+from loram_core.errors import ConfigError
+
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+
+
+def demo_corpus_file(cache_dir: str | Path) -> Path:
+    """Build (once) and return the demo corpus built from the Python standard library's docs."""
+    out = Path(cache_dir).expanduser() / f"corpus-stdlib-py{sys.version_info[0]}{sys.version_info[1]}.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-m", "loram_core._stdlib_corpus", str(tmp)], check=True)
+        tmp.replace(out)
+    return out
+
+
+def resolve_files(cfg: CorpusConfig, cache_dir: str | Path) -> list[str]:
+    """The corpus files, expanded from globs; `demo` builds the stdlib corpus."""
+    if cfg.paths == "demo":
+        return [str(demo_corpus_file(cache_dir))]
+    files: list[str] = []
+    for pattern in cfg.paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern))) if "://" not in pattern else [pattern]
+        if not matches:
+            raise ConfigError(
+                f"corpus.paths entry {pattern!r} matches no file; give existing text/jsonl/parquet files."
+            )
+        files += matches
+    return files
+
+
+def _format_of(files: list[str], declared: str) -> str:
+    if declared != "auto":
+        return declared
+    kinds = {_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ConfigError(
+            f"corpus.format=auto cannot tell the format of {files[:3]}; use one kind of file "
+            f"({', '.join(sorted(_FORMATS))}) or set corpus.format to text, json or parquet."
+        )
+    return kinds.pop()
+
+
+def read_documents(files: list[str], fmt: str = "auto", text_field: str = "text") -> list[str]:
+    """Read documents with `datasets`: a paragraph of a text file, or one record's `text_field`."""
+    from datasets import load_dataset  # heavy import; only the steps that read text pay for it
+
+    fmt = _format_of(files, fmt)
+    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    ds = load_dataset(fmt, data_files=files, split="train", **kwargs)
+    if text_field not in ds.column_names:
+        raise ConfigError(
+            f"corpus.text_field={text_field!r} is not a column of {files[0]!r}; columns are {ds.column_names}."
+        )
+    return [t for t in ds[text_field] if t and t.strip()]
+
+
+def files_fingerprint(files: list[str]) -> str:
+    """sha256 over the corpus files' bytes, in order: what the manifest records as the corpus."""
+    import fsspec
+
+    h = hashlib.sha256()
+    for f in files:
+        with fsspec.open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def pack(docs: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Tokenize documents, join them with EOS and cut the stream into blocks.
+
+    Returns:
+        int32 tensor `[num_blocks, seq_len]`; the tail shorter than a block is dropped.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for batch_start in range(0, len(docs), 1000):
+        for row in tokenizer(docs[batch_start : batch_start + 1000], add_special_tokens=False)["input_ids"]:
+            ids += row
+            ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ConfigError(
+            f"the corpus holds {len(ids)} tokens, fewer than one block of corpus.seq_len={seq_len}."
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+
+
+def is_heldout(doc: str, fraction: float) -> bool:
+    """Whether a document belongs to the held-out split: decided by its content hash alone.
+
+    The rule depends on nothing but the text, so the demo base's pretraining, alignment and every
+    evaluation agree on which documents were never trained on, whatever their block length or seed.
+    """
+    h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+@dataclass
+class Blocks:
+    """Packed corpus, split by document into a training and a held-out part."""
+
+    train: torch.Tensor  # int32 [n_train, seq_len], in a seeded shuffled order
+    heldout: torch.Tensor  # int32 [n_heldout, seq_len]
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train.numel()
+
+
+def make_blocks(
+    docs: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    heldout_fraction: float,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    eval_blocks: int | None = None,
+) -> Blocks:
+    """Split documents into train/held-out, pack each, shuffle the training blocks, apply the budget."""
+    held = [is_heldout(d, heldout_fraction) for d in docs]
+    train_docs = [d for d, h in zip(docs, held, strict=True) if not h]
+    heldout_docs = [d for d, h in zip(docs, held, strict=True) if h]
+    if not heldout_docs:
+        raise ConfigError(
+            f"corpus.heldout_fraction={heldout_fraction} holds out none of the {len(docs)} documents; raise it."
+        )
+    train = pack(train_docs, tokenizer, seq_len)
+    train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))]
+    if max_tokens is not None:
+        train = train[: max(1, max_tokens // seq_len)]
+    heldout = pack(heldout_docs, tokenizer, seq_len)
+    if eval_blocks is not None:
+        heldout = heldout[:eval_blocks]
+    return Blocks(train=train.contiguous(), heldout=heldout.contiguous())
+
+
+def save_blocks(path: str | Path, blocks: Blocks, metadata: dict[str, str]) -> None:
+    save_file({"train": blocks.train, "heldout": blocks.heldout}, str(path), metadata=metadata)
+
+
+def load_blocks(path: str | Path) -> Blocks:
+    t = load_file(str(path))
+    return Blocks(train=t["train"], heldout=t["heldout"])

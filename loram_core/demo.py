@@ -1,0 +1,104 @@
+"""The embedded default base model: a small LLaMA-architecture model built and pretrained here.
+
+No model hub is reachable where this project is built and tested, so `base.source: demo` makes
+its own base: a byte-level BPE tokenizer trained with `tokenizers` on the stdlib-docs corpus and
+a GQA LLaMA of a few million parameters pretrained on the corpus's training documents (the
+held-out documents are never seen). It is cached under `base.cache_dir`, keyed by its settings
+and the corpus bytes, so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loram_core.align import ProgressFn, train_causal_lm
+from loram_core.config import AlignConfig, BaseConfig, CorpusConfig, fingerprint
+from loram_core.data import demo_corpus_file, files_fingerprint, make_blocks, read_documents
+
+# Bump when the recipe below changes, so caches built by older code are not reused.
+RECIPE_VERSION = 1
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (as GPT-2/LLaMA-3 use): every string is encodable, no unknown bytes."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
+def demo_key(base: BaseConfig, corpus: CorpusConfig) -> str:
+    corpus_file = demo_corpus_file(base.cache_dir)
+    return fingerprint(
+        {
+            "recipe": RECIPE_VERSION,
+            "demo": base.demo.model_dump(),
+            "corpus": files_fingerprint([str(corpus_file)]),
+            "heldout_fraction": corpus.heldout_fraction,
+        }
+    )
+
+
+def build_demo_base(base: BaseConfig, corpus: CorpusConfig, progress: ProgressFn | None = None) -> Path:
+    """Return the cached demo base checkpoint directory, building it first if needed."""
+    out = Path(base.cache_dir).expanduser() / f"demo-base-{demo_key(base, corpus)}"
+    if (out / "model.safetensors").is_file():
+        return out
+    d = base.demo
+    torch.manual_seed(d.seed)
+    docs = read_documents([str(demo_corpus_file(base.cache_dir))], "text")
+    tokenizer = train_tokenizer(docs, d.vocab_size)
+    blocks = make_blocks(docs, tokenizer, d.seq_len, corpus.heldout_fraction, seed=d.seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d.hidden_size,
+        intermediate_size=d.intermediate_size,
+        num_hidden_layers=d.num_hidden_layers,
+        num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads,
+        max_position_embeddings=4 * d.seq_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    train_cfg = AlignConfig(
+        steps=d.pretrain_steps,
+        batch_size=d.batch_size,
+        lr=d.lr,
+        warmup_steps=max(1, d.pretrain_steps // 20),
+        min_lr_ratio=0.1,
+        weight_decay=0.01,
+        freeze_lm_head=False,
+        precision="fp32",
+        checkpoint_every=100,
+        log_every=10,
+        seed=d.seed,
+    )
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    # Checkpoints inside `.partial` make an interrupted build resume instead of starting over.
+    train_causal_lm(model, blocks.train, train_cfg, checkpoint_dir=work, progress=progress)
+    final = out.with_name(out.name + ".tmp")
+    shutil.rmtree(final, ignore_errors=True)
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    final.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out

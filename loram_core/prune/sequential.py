@@ -1,0 +1,177 @@
+"""Layer-wise, sequential sparse pruning that streams the checkpoint one decoder layer at a time.
+
+Only the embeddings, final norm and head stay resident; decoder layer `i` is read from the
+memory-mapped safetensors, calibrated on the outputs of the already pruned layers `< i`, pruned,
+written to its own output shard and dropped. Peak memory is about one layer, its Hessians and the
+calibration activations, not the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from loram_core.config import PruneConfig
+from loram_core.models import build_model, decoder_layers, family_of, layer_linears, load_config
+from loram_core.prune.masks import Masks
+from loram_core.prune.sparse import magnitude, sparsegpt, wanda
+
+
+class CheckpointReader:
+    """Reads tensors by name from a (possibly sharded) safetensors checkpoint, memory-mapped."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / f for name, f in weight_map.items()}
+        else:
+            path = directory / "model.safetensors"
+            with safe_open(str(path), framework="pt") as f:
+                self.files = {name: path for name in f.keys()}  # noqa: SIM118
+
+    def read(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, path in self.files.items():
+            if name.startswith(prefix):
+                with safe_open(str(path), framework="pt") as f:
+                    out[name[len(prefix) :]] = f.get_tensor(name)
+        return out
+
+
+class _Captured(Exception):
+    pass
+
+
+def _capture_layer_inputs(
+    model: nn.Module, calib: torch.Tensor, batch_size: int
+) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments (mask, rotary embeddings) entering decoder layer 0."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            with contextlib.suppress(_Captured):
+                model.model(input_ids=calib[start : start + batch_size].long(), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    outs = []
+    for hidden, kwargs in inputs:
+        out = layer(hidden, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _hessians(layer: nn.Module, linears: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
+    """`2/N X^T X` of each linear's inputs over all calibration tokens (float32)."""
+    sums = {name: torch.zeros(lin.in_features, lin.in_features) for name, lin in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] += x.T @ x
+            counts[name] += x.shape[0]
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(make_hook(name)) for name, lin in linears.items()]
+    try:
+        _run_layer(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: 2 * sums[name] / max(1, counts[name]) for name in linears}
+
+
+def _solve(
+    weight: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_m = tuple(cfg.n_m) if cfg.strategy == "semi" else None
+    if cfg.sparse_method == "sparsegpt":
+        return sparsegpt(weight, hessian, cfg.ratio, n_m, damp=cfg.damp, blocksize=cfg.blocksize)
+    if cfg.sparse_method == "wanda":
+        return wanda(weight, hessian, cfg.ratio, n_m)
+    return magnitude(weight, cfg.ratio, n_m)
+
+
+@torch.no_grad()
+def prune_sparse(
+    base_dir: Path, out_dir: Path, cfg: PruneConfig, calib: torch.Tensor, progress=None
+) -> Masks:
+    """`semi` (n:m) and `unstructured` strategies, streamed layer by layer.
+
+    Writes one safetensors shard per decoder layer plus one for the rest, and the standard
+    `model.safetensors.index.json`, so stock `from_pretrained` loads the result.
+    """
+    config = load_config(base_dir)
+    family = family_of(config)
+    reader = CheckpointReader(base_dir)
+    model = build_model(config, "meta")
+    rotary = model.model.rotary_emb
+    # Rotary frequencies are buffers not stored in checkpoints: build them for real.
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(rotary)(config=config)
+    rest = {k: v for k, v in reader.read("").items() if not k.startswith(family.layers + ".")}
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    start, stop = cfg.layer_range(config.num_hidden_layers)
+    calib = calib[: cfg.calib_samples]
+    inputs = _capture_layer_inputs(model, calib, batch_size=8)
+    n_layers = config.num_hidden_layers
+    shard = lambda k: f"model-{k + 1:05d}-of-{n_layers + 1:05d}.safetensors"  # noqa: E731
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    masks = Masks(strategy=cfg.strategy)
+    for i, layer in enumerate(decoder_layers(model)):
+        prefix = f"{family.layers}.{i}."
+        layer.load_state_dict(reader.read(prefix), strict=True, assign=True)
+        if start <= i < stop:
+            linears = {getattr(family, n): m for n, m in layer_linears(layer, family).items()}
+            hessians = _hessians(layer, linears, inputs)
+            for path, lin in linears.items():
+                new_w, keep = _solve(lin.weight.data, hessians[path], cfg)
+                lin.weight.data.copy_(new_w)
+                masks.sparse[f"{prefix}{path}.weight"] = keep
+            del hessians
+        inputs = [(out, kw) for out, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
+        tensors = {prefix + k: v.contiguous() for k, v in layer.state_dict().items()}
+        save_file(tensors, str(out_dir / shard(i)), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard(i)))
+        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        layer.to("meta")  # drop the layer: only one is resident at a time
+        if progress is not None:
+            progress("prune", i + 1, n_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    rest = {k: v.contiguous() for k, v in rest.items() if not (tied and k == "lm_head.weight")}
+    save_file(rest, str(out_dir / shard(n_layers)), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, shard(n_layers)))
+    total_bytes += sum(t.numel() * t.element_size() for t in rest.values())
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.loram = {
+        "strategy": cfg.strategy,
+        "ratio": cfg.ratio if cfg.strategy == "unstructured" else cfg.n_m[0] / cfg.n_m[1],
+        "method": cfg.sparse_method,
+        "n_m": list(cfg.n_m) if cfg.strategy == "semi" else None,
+        "pruned_layers": list(range(start, stop)),
+    }
+    config.save_pretrained(out_dir)
+    return masks

@@ -1,0 +1,143 @@
+"""Sparse solvers for one weight matrix: SparseGPT, Wanda and magnitude.
+
+Each takes a weight `W [rows, cols]` and the calibration Hessian `H = 2/N * X^T X [cols, cols]`
+of the layer's inputs, and returns `(pruned W, keep-mask)`. `n_m=(n, m)` asks for n zeros in
+every m consecutive weights of a row (2:4 for semi-structured); otherwise `ratio` of each matrix
+is removed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loram_core.errors import LoramError
+
+
+def _nm_prune_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True where pruned: the n lowest scores in every group of m columns. score `[rows, cols]`."""
+    rows, cols = score.shape
+    if cols % m:
+        raise LoramError(f"n:m sparsity {n}:{m} needs the input width ({cols}) to be a multiple of {m}.")
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, n, dim=-1, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def magnitude(
+    weight: torch.Tensor, ratio: float, n_m: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove the smallest |W|: per matrix at `ratio`, or n:m per row group."""
+    score = weight.float().abs()
+    if n_m is not None:
+        pruned = _nm_prune_mask(score, *n_m)
+    else:
+        k = int(score.numel() * ratio)
+        pruned = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            pruned.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
+    return weight.masked_fill(pruned, 0), ~pruned
+
+
+def wanda(
+    weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n_m: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wanda (Sun et al. 2023): score `|W| * ||x_j||`, compared within each output row."""
+    # diag(H) is proportional to the squared input norm per column.
+    score = weight.float().abs() * hessian.diagonal().float().clamp_min(0).sqrt()[None, :]
+    if n_m is not None:
+        pruned = _nm_prune_mask(score, *n_m)
+    else:
+        k = int(score.shape[1] * ratio)
+        pruned = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            pruned.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+    return weight.masked_fill(pruned, 0), ~pruned
+
+
+def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after damping; raises the damping until H is positive definite."""
+    diag_mean = hessian.diagonal().mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(6):
+        fraction = damp * 10**attempt
+        try:
+            lower = torch.linalg.cholesky(hessian + fraction * diag_mean * eye)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise LoramError(
+        f"the calibration Hessian is not positive definite even with damping {damp * 10**5:g} x its mean "
+        "diagonal: the calibration data is too small or degenerate for this layer. Raise "
+        f"prune.calib_samples, or prune.damp (now {damp})."
+    )
+
+
+@torch.no_grad()
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    ratio: float,
+    n_m: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023): prune and update the remaining weights with OBS.
+
+    Columns are processed left to right in blocks; within a block, each pruned weight's error is
+    spread over the not-yet-processed columns through the inverse Hessian's Cholesky factor, and
+    the block's accumulated error is applied lazily to the columns right of the block. The mask is
+    chosen per block (adaptive mask selection) from `w^2 / [H^-1]_jj^2`.
+
+    Args:
+        weight: `[rows, cols]`, any float dtype; returned in the same dtype.
+        hessian: `[cols, cols]` float32, `2/N X^T X` of the inputs.
+        ratio: fraction removed (ignored when `n_m` is set).
+        n_m: (n, m) pruning n of every m consecutive weights of a row.
+        damp: added to the diagonal as a fraction of its mean.
+        blocksize: columns per lazy-update block (a multiple of m for n:m).
+
+    Returns:
+        (pruned weight, bool keep-mask), both `[rows, cols]`.
+    """
+    W = weight.detach().clone().float()
+    H = hessian.detach().clone().float()
+    rows, cols = W.shape
+    dead = H.diagonal() == 0  # inputs that are always zero: their weights are free to prune
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    hinv = _inverse_cholesky(H, damp)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    if n_m is not None and blocksize % n_m[1]:
+        blocksize = n_m[1] * max(1, blocksize // n_m[1])
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        err1 = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        d = hinv1.diagonal()
+        if n_m is None:
+            score = W1**2 / d[None, :] ** 2
+            k = int(score.numel() * ratio)
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                mask1.view(-1)[torch.topk(score.view(-1), k, largest=False).indices] = True
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                span = W1[:, i : i + n_m[1]] ** 2 / d[None, i : i + n_m[1]] ** 2
+                mask1.scatter_(1, i + torch.topk(span, n_m[0], dim=1, largest=False).indices, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            Q1[:, i] = q
+            e = (w - q) / d[i]
+            W1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    W[pruned] = 0
+    return W.to(weight.dtype), ~pruned

@@ -1,0 +1,219 @@
+"""Structured pruning: remove whole MLP channels and whole KV-head groups from decoder layers.
+
+The coupled groups (LLM-Pruner's dependency groups, written out for the LLaMA layout):
+- MLP channel `j`: row `j` of gate and up, column `j` of down;
+- KV head `h` (GQA group size `g`): rows of head `h` in k and v (and their biases), rows of query
+  heads `h*g .. h*g+g-1` in q (and bias), the same columns of o. Plain MHA is `g = 1`.
+
+Two ways to choose what stays: `random` (seeded, LoRAM-Rand) and first-order Taylor importance
+(`structured`, LoRAM-Stru): the salience of a weight is `|W * dL/dW|`, summed over its group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loram_core.models import Family, layer_linears, set_layer_attributes
+
+
+def _gqa(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv, heads // kv, hd
+
+
+def random_keep(n: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    """`keep` of `n` indices, chosen uniformly with `generator`, sorted (int64)."""
+    return torch.randperm(n, generator=generator)[:keep].sort().values
+
+
+def top_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` largest scores, sorted (int64)."""
+    return torch.topk(scores, keep).indices.sort().values
+
+
+def salience(
+    weight: torch.Tensor, grad: torch.Tensor, grad_sq: torch.Tensor | None, estimator: str
+) -> torch.Tensor:
+    """Per-weight Taylor salience (LLM-Pruner's estimators).
+
+    Args:
+        weight, grad: same shape; `grad` is dL/dW summed over calibration batches.
+        grad_sq: sum over batches of the squared batch gradient (Fisher diagonal), for second order.
+        estimator: `param_first` |W g|, `vector` W g (signed; the group sum is taken before abs),
+            `param_second` |W h W| / 2, `param_mix` first + second.
+    """
+    w, g = weight.float(), grad.float()
+    if estimator == "vector":
+        return w * g
+    first = (w * g).abs()
+    if estimator == "param_first":
+        return first
+    second = (w * grad_sq.float() * w).abs() / 2
+    return second if estimator == "param_second" else first + second
+
+
+def group_scores(sal: dict[str, torch.Tensor], config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum per-weight salience over coupled groups.
+
+    Args:
+        sal: salience by short module name (q, k, v, o, gate, up, down), each shaped like the
+            weight `[out, in]`; optional `q_bias`, `k_bias`, `v_bias` shaped `[out]`.
+
+    Returns:
+        (channel scores `[intermediate]`, KV-head scores `[n_kv]`), float32, non-negative.
+    """
+    kv, group, hd = _gqa(config)
+    channel = sal["gate"].sum(1) + sal["up"].sum(1) + sal["down"].sum(0)
+    q_rows = sal["q"].sum(1) + (sal.get("q_bias", 0))
+    k_rows = sal["k"].sum(1) + (sal.get("k_bias", 0))
+    v_rows = sal["v"].sum(1) + (sal.get("v_bias", 0))
+    o_cols = sal["o"].sum(0)
+    per_kv = (k_rows + v_rows).view(kv, hd).sum(1)
+    per_q = (q_rows + o_cols).view(kv, group * hd).sum(1)
+    return channel.abs(), (per_kv + per_q).abs()
+
+
+def kept_query_rows(kept_kv_heads: torch.Tensor, group: int, hd: int) -> torch.Tensor:
+    """Row indices of q (= column indices of o) that belong to the kept KV heads' query groups."""
+    heads = (kept_kv_heads[:, None] * group + torch.arange(group)).flatten()
+    return (heads[:, None] * hd + torch.arange(hd)).flatten()
+
+
+def _slice_linear(
+    lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
+) -> nn.Linear:
+    w = lin.weight.data
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        new.bias.data.copy_(lin.bias.data[rows] if rows is not None else lin.bias.data)
+    return new
+
+
+def apply_structured(
+    layer: nn.Module, family: Family, config, kept_channels: torch.Tensor, kept_kv_heads: torch.Tensor
+) -> None:
+    """Cut a decoder layer down to the kept MLP channels and KV heads (in place).
+
+    Args:
+        layer: one decoder layer of the original widths.
+        kept_channels: sorted int indices into the MLP's intermediate dimension.
+        kept_kv_heads: sorted int indices into the KV heads.
+    """
+    kv, group, hd = _gqa(config)
+    lin = layer_linears(layer, family)
+    kv_rows = (kept_kv_heads[:, None] * hd + torch.arange(hd)).flatten()
+    q_rows = kept_query_rows(kept_kv_heads, group, hd)
+    new = {
+        "q": _slice_linear(lin["q"], rows=q_rows),
+        "k": _slice_linear(lin["k"], rows=kv_rows),
+        "v": _slice_linear(lin["v"], rows=kv_rows),
+        "o": _slice_linear(lin["o"], cols=q_rows),
+        "gate": _slice_linear(lin["gate"], rows=kept_channels),
+        "up": _slice_linear(lin["up"], rows=kept_channels),
+        "down": _slice_linear(lin["down"], cols=kept_channels),
+    }
+    for name, module in new.items():
+        parent, _, attr = getattr(family, name).rpartition(".")
+        setattr(layer.get_submodule(parent), attr, module)
+    n_kv = len(kept_kv_heads)
+    set_layer_attributes(
+        layer, family, {"intermediate": len(kept_channels), "heads": n_kv * group, "kv_heads": n_kv}
+    )
+
+
+def taylor_group_scores(
+    model: nn.Module, layers: range, calib: torch.Tensor, estimator: str, batch_size: int = 4
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Accumulate gradients of the LM loss over calibration blocks; score every pruned layer's groups.
+
+    Args:
+        model: the original model (train mode is not needed: the loss is the plain next-token loss).
+        layers: indices of the layers to score.
+        calib: int `[n, seq_len]` calibration blocks.
+
+    Returns:
+        layer -> (channel scores `[I]`, KV-head scores `[n_kv]`).
+    """
+    from loram_core.models import decoder_layers, family_of
+
+    family = family_of(model.config)
+    wanted = {
+        id(p)
+        for i in layers
+        for lin in layer_linears(decoder_layers(model)[i], family).values()
+        for p in lin.parameters()
+    }
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)  # no gradient (or its memory) for what is not scored
+    grad_sum: dict[int, torch.Tensor] = {}
+    grad_sq: dict[int, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    for start in range(0, calib.shape[0], batch_size):
+        batch = calib[start : start + batch_size].to(device=device, dtype=torch.long)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch, labels=batch).loss.backward()
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.detach().float()
+            grad_sum[id(p)] = grad_sum.get(id(p), 0) + g
+            if estimator in ("param_second", "param_mix"):
+                grad_sq[id(p)] = grad_sq.get(id(p), 0) + g * g
+    model.zero_grad(set_to_none=True)
+    scores = {}
+    for i in layers:
+        lin = layer_linears(decoder_layers(model)[i], family)
+        sal = {}
+        for name, module in lin.items():
+            w = module.weight
+            sal[name] = salience(w.detach(), grad_sum[id(w)], grad_sq.get(id(w)), estimator)
+            if module.bias is not None:
+                b = module.bias
+                sal[f"{name}_bias"] = salience(b.detach(), grad_sum[id(b)], grad_sq.get(id(b)), estimator)
+        scores[i] = group_scores(sal, model.config)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return scores
+
+
+def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None):
+    """`random` and `structured` strategies: choose kept groups, cut the layers, save.
+
+    The whole model is loaded (Taylor importance needs the loss gradient through every layer).
+    """
+    from loram_core.models import decoder_layers, family_of, load_model
+    from loram_core.prune.masks import Masks
+    from loram_core.prune.plan import pruned_layer_widths, structured_config
+
+    model = load_model(base_dir)
+    config = model.config
+    family = family_of(config)
+    start, stop = cfg.layer_range(config.num_hidden_layers)
+    target = pruned_layer_widths(config, cfg.ratio)
+    kv, _, _ = _gqa(config)
+    layers = range(start, stop)
+    if cfg.strategy == "structured":
+        scores = taylor_group_scores(model, layers, calib[: cfg.calib_samples], cfg.importance)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    masks = Masks(strategy=cfg.strategy)
+    for n, i in enumerate(layers):
+        if cfg.strategy == "random":
+            channels = random_keep(config.intermediate_size, target["intermediate"], generator)
+            heads = random_keep(kv, target["kv_heads"], generator)
+        else:
+            channels = top_keep(scores[i][0], target["intermediate"])
+            heads = top_keep(scores[i][1], target["kv_heads"])
+        with torch.no_grad():
+            apply_structured(decoder_layers(model)[i], family, config, channels, heads)
+        masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
+        if progress is not None:
+            progress("prune", n + 1, len(layers))
+    model.config = structured_config(config, cfg)
+    model.save_pretrained(out_dir)
+    return masks

@@ -1,0 +1,350 @@
+"""The provider pipeline's steps, free of any orchestrator.
+
+Each step takes the config and the paths of its inputs, writes its output into a directory of the
+work dir keyed by the hash of its inputs and settings, and returns small things (paths, dicts), so
+Prefect tasks can wrap them in a line and a re-run skips finished work. A step writes into a
+temporary directory and renames it when complete: a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from loram_core import __version__
+from loram_core.align import clear_checkpoint, train_causal_lm
+from loram_core.config import SPARSE, PipelineConfig, fingerprint
+from loram_core.data import (
+    files_fingerprint,
+    load_blocks,
+    make_blocks,
+    read_documents,
+    resolve_files,
+    save_blocks,
+)
+from loram_core.demo import build_demo_base
+from loram_core.errors import LoramError
+from loram_core.evaluate import perplexity
+from loram_core.manifest import Manifest, list_files, sha256_file
+from loram_core.models import count_parameters, load_config, load_model
+from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
+from loram_core.quantize import quantize_checkpoint
+
+Progress = Callable[[dict], None]
+
+
+def _step_dir(cfg: PipelineConfig, name: str, key: dict) -> Path:
+    return Path(cfg.workdir).expanduser() / f"{name}-{fingerprint(key)}"
+
+
+def _commit(tmp: Path, final: Path) -> Path:
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def base_path(cfg: PipelineConfig) -> Path | None:
+    """The base checkpoint directory if the source is a path (None for the demo, built on demand)."""
+    return None if cfg.base.source == "demo" else Path(cfg.base.source).expanduser()
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check what can be checked before any work: base model, corpus files, layer range, bucket URI.
+
+    Raises:
+        LoramError: naming the missing file or the bad value and the fix.
+    """
+    path = base_path(cfg)
+    if path is not None:
+        config = load_config(path)  # raises with the fix if config.json is missing
+        if not any(path.glob("*.safetensors")):
+            raise LoramError(
+                f"base.source={str(path)!r} has no *.safetensors weights; convert the checkpoint to safetensors."
+            )
+        num_layers = config.num_hidden_layers
+    else:
+        num_layers = cfg.base.demo.num_hidden_layers
+    cfg.prune.layer_range(num_layers)
+    if cfg.corpus.paths != "demo":
+        resolve_files(cfg.corpus, cfg.base.cache_dir)
+    from loram_core.storage import _fs
+
+    _fs(cfg.publish.uri)
+
+
+def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
+    """The original model's checkpoint directory: the given one, or the (cached) demo model."""
+    path = base_path(cfg)
+    if path is None:
+        return str(build_demo_base(cfg.base, cfg.corpus, progress))
+    load_config(path)
+    return str(path)
+
+
+def base_fingerprint(base_dir: str) -> str:
+    """sha256 over the base checkpoint's config and weight files (names and hashes)."""
+    files = sorted(p for p in Path(base_dir).iterdir() if p.suffix in (".json", ".safetensors"))
+    return fingerprint([(p.name, sha256_file(p)) for p in files])
+
+
+def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
+    """Tokenize and pack the corpus with the base model's tokenizer; returns the blocks file."""
+    files = resolve_files(cfg.corpus, cfg.base.cache_dir)
+    corpus_fp = files_fingerprint(files)
+    out = _step_dir(cfg, "corpus", {"corpus": cfg.corpus.model_dump(), "files": corpus_fp, "base": base_dir})
+    blocks_file = out / "blocks.safetensors"
+    if blocks_file.is_file():
+        return str(blocks_file)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    docs = read_documents(files, cfg.corpus.format, cfg.corpus.text_field)
+    c = cfg.corpus
+    blocks = make_blocks(docs, tokenizer, c.seq_len, c.heldout_fraction, c.seed, c.max_tokens, c.eval_blocks)
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    save_blocks(tmp / "blocks.safetensors", blocks, {"fingerprint": corpus_fp})
+    info = {
+        "fingerprint": corpus_fp,
+        "files": files,
+        "documents": len(docs),
+        "seq_len": c.seq_len,
+        "train_tokens": blocks.train_tokens,
+        "heldout_tokens": blocks.heldout.numel(),
+    }
+    (tmp / "corpus.json").write_text(json.dumps(info, indent=2))
+    return str(_commit(tmp, out) / "blocks.safetensors")
+
+
+def corpus_info(blocks_file: str) -> dict:
+    return json.loads((Path(blocks_file).parent / "corpus.json").read_text())
+
+
+def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
+    """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`."""
+    out = _step_dir(cfg, "prune", {"prune": cfg.prune.model_dump(), "base": base_dir, "corpus": blocks_file})
+    if (out / "config.json").is_file():
+        return str(out)
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    calib = load_blocks(blocks_file).train[: cfg.prune.calib_samples]
+    torch.manual_seed(cfg.prune.seed)
+
+    def report(what: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress({"step": done, "total": total, "what": what})
+
+    masks = prune_checkpoint(base_dir, tmp, cfg.prune, calib, report)
+    save_masks(masks, tmp / "masks" / "masks.safetensors")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
+    return str(_commit(tmp, out))
+
+
+def _sparse_masks(pruned_dir: str) -> dict[str, torch.Tensor] | None:
+    masks = load_masks(Path(pruned_dir) / "masks" / "masks.safetensors")
+    return masks.sparse or None
+
+
+def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
+    """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash."""
+    out = _step_dir(
+        cfg, "align", {"align": cfg.align.model_dump(), "pruned": pruned_dir, "corpus": blocks_file}
+    )
+    if (out / "config.json").is_file():
+        return str(out)
+    if not cfg.align.enabled:
+        return pruned_dir
+    work = out.with_name(out.name + ".partial")  # checkpoints live here until the model is saved
+    work.mkdir(parents=True, exist_ok=True)
+    model = load_model(pruned_dir)
+    blocks = load_blocks(blocks_file)
+    result = train_causal_lm(
+        model,
+        blocks.train,
+        cfg.align,
+        checkpoint_dir=work,
+        masks=_sparse_masks(pruned_dir),
+        progress=progress,
+    )
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
+    shutil.copytree(Path(pruned_dir) / "masks", tmp / "masks")
+    (tmp / "train_log.json").write_text(
+        json.dumps(
+            {
+                "losses": result.losses,
+                "tokens": result.tokens,
+                "seconds": result.seconds,
+                "tokens_per_s": result.tokens_per_second,
+                "resumed_from": result.resumed_from,
+            }
+        )
+    )
+    _commit(tmp, out)
+    clear_checkpoint(work)
+    shutil.rmtree(work, ignore_errors=True)
+    return str(out)
+
+
+def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:
+    """The 4-bit variant of the aligned model, or None when disabled."""
+    if not cfg.quantize.enabled:
+        return None
+    out = _step_dir(cfg, "quantize", {"quantize": cfg.quantize.model_dump(), "aligned": aligned_dir})
+    if (out / "config.json").is_file():
+        return str(out)
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    quantize_checkpoint(aligned_dir, tmp, cfg.quantize)
+    AutoTokenizer.from_pretrained(aligned_dir).save_pretrained(tmp)
+    return str(_commit(tmp, out))
+
+
+def evaluate(
+    cfg: PipelineConfig,
+    base_dir: str,
+    pruned_dir: str,
+    aligned_dir: str,
+    nf4_dir: str | None,
+    blocks_file: str,
+) -> dict:
+    """Held-out perplexity of original, pruned, aligned (and 4-bit) models, and parameter counts."""
+    out = _step_dir(
+        cfg,
+        "evaluate",
+        {
+            "dirs": [base_dir, pruned_dir, aligned_dir, nf4_dir],
+            "corpus": blocks_file,
+            "evaluate": cfg.evaluate.model_dump(),
+        },
+    )
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    heldout = load_blocks(blocks_file).heldout
+    bs = cfg.evaluate.batch_size
+    metrics: dict = {}
+    for key, path in (("original_ppl", base_dir), ("pruned_ppl", pruned_dir), ("aligned_ppl", aligned_dir)):
+        metrics[key] = perplexity(load_model(path), heldout, bs)
+    if nf4_dir is not None:
+        metrics["aligned_nf4_ppl"] = perplexity(load_model(nf4_dir, device_map="cpu"), heldout, bs)
+    damage = metrics["pruned_ppl"] - metrics["original_ppl"]
+    metrics["recovered"] = (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
+    metrics["heldout_tokens"] = heldout.numel()
+    base_config = load_config(base_dir)
+    p = plan(base_config, cfg.prune).to_dict()
+    pruned_model = load_model(aligned_dir)
+    stored = count_parameters(pruned_model)
+    nonzero = (
+        sum(int((t != 0).sum()) for t in pruned_model.parameters())
+        if cfg.prune.strategy in SPARSE
+        else stored
+    )
+    params = {
+        k: p[k]
+        for k in (
+            "original_params",
+            "pruned_params",
+            "reduction",
+            "hbm_gb",
+            "hbm_gb_4bit",
+            "hbm_gb_4bit_actual",
+            "pruned_layers",
+        )
+    }
+    params.update({"stored_params": stored, "nonzero_params": nonzero})
+    result = {"metrics": metrics, "params": params}
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
+    _commit(tmp, out)
+    return result
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        return f"{__version__}+g{sha}"
+    except (OSError, subprocess.CalledProcessError):
+        return __version__
+
+
+def publish(
+    cfg: PipelineConfig,
+    base_dir: str,
+    blocks_file: str,
+    aligned_dir: str,
+    nf4_dir: str | None,
+    evaluation: dict,
+) -> str:
+    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI."""
+    from loram_core.card import model_card
+    from loram_core.storage import publish_version
+
+    version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    staging = _fresh(Path(cfg.workdir).expanduser() / f"publish-{cfg.publish.name}-{version}")
+    try:
+        model_files = [p for p in Path(aligned_dir).iterdir() if p.is_file() and p.name != "train_log.json"]
+        (staging / "model").mkdir()
+        for f in model_files:
+            shutil.copy2(f, staging / "model" / f.name)
+        shutil.copytree(Path(aligned_dir) / "masks", staging / "masks")
+        if nf4_dir is not None:
+            shutil.copytree(nf4_dir, staging / "model-nf4")
+        base_config = load_config(base_dir)
+        manifest = Manifest(
+            name=cfg.publish.name,
+            version=version,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            base={
+                "source": cfg.base.source,
+                "fingerprint": base_fingerprint(base_dir),
+                "model_type": base_config.model_type,
+                "num_hidden_layers": base_config.num_hidden_layers,
+            },
+            corpus={k: v for k, v in corpus_info(blocks_file).items() if k != "files"},
+            prune=cfg.prune.model_dump(mode="json"),
+            align={**cfg.align.model_dump(mode="json"), **_train_log(aligned_dir)},
+            quantize={**cfg.quantize.model_dump(mode="json"), "enabled": nf4_dir is not None},
+            params=evaluation["params"],
+            metrics=evaluation["metrics"],
+            files=[],
+            code_version=code_version(),
+        )
+        (staging / "README.md").write_text(model_card(manifest, cfg.publish.uri))
+        manifest.files = list_files(staging)
+        return publish_version(staging, manifest, cfg.publish.uri)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def train_log(aligned_dir: str) -> dict:
+    """The alignment run's loss history and throughput (empty when alignment was off)."""
+    log = Path(aligned_dir) / "train_log.json"
+    if not log.is_file():
+        return {"losses": [], "tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "resumed_from": None}
+    return json.loads(log.read_text())
+
+
+def _train_log(aligned_dir: str) -> dict:
+    data = train_log(aligned_dir)
+    if not data["losses"]:
+        return {}
+    return {
+        "final_loss": data["losses"][-1][1] if data["losses"] else None,
+        "tokens_seen": data["tokens"],
+        "tokens_per_s": round(data["tokens_per_s"], 1),
+    }

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models built from config (2 layers, 64 dims) and the demo's pretrained base."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | Qwen2Config:
+    """A 2-layer, 64-dim GQA model config (4 heads, 2 KV heads, 128 channels)."""
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return (Qwen2Config if family == "qwen2" else LlamaConfig)(**kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = (Qwen2ForCausalLM if family == "qwen2" else LlamaForCausalLM)(config)
+    if family == "qwen2":  # stock init leaves biases at zero; make them matter in the tests
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "base"
+    tiny_model(num_hidden_layers=4).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_base() -> Path:
+    """The demo's pretrained base model (built once per machine, then cached; a few minutes)."""
+    from loram_core.config import load_config
+    from loram_core.demo import build_demo_base
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    return build_demo_base(cfg.base, cfg.corpus)
+
+
+@pytest.fixture(scope="session")
+def demo_blocks(demo_base: Path, tmp_path_factory):
+    """The demo corpus packed with the demo tokenizer: (train, heldout) int32 blocks."""
+    from loram_core import steps
+    from loram_core.config import load_config
+    from loram_core.data import load_blocks
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path_factory.mktemp('work')}"])
+    return load_blocks(steps.prepare_corpus(cfg, str(demo_base)))

@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from loram_core.config import PruneConfig
+from loram_core.models import load_model
+from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
+from loram_core.prune.structured import apply_structured, group_scores, kept_query_rows
+from tests.conftest import tiny_model
+
+
+def _zeroed_reference(model, layer_idx, kept_channels, kept_kv, group, hd):
+    """The original model with the removed groups' output paths zeroed: must equal the pruned one."""
+    layer = model.model.layers[layer_idx]
+    with torch.no_grad():
+        drop_ch = torch.ones(layer.mlp.down_proj.in_features, dtype=torch.bool)
+        drop_ch[kept_channels] = False
+        layer.mlp.down_proj.weight[:, drop_ch] = 0
+        drop_q = torch.ones(layer.self_attn.o_proj.in_features, dtype=torch.bool)
+        drop_q[kept_query_rows(kept_kv, group, hd)] = False
+        layer.self_attn.o_proj.weight[:, drop_q] = 0
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pruned_layer_equals_original_with_removed_groups_zeroed(family: str) -> None:
+    model = tiny_model(family)
+    reference = _zeroed_reference(
+        tiny_model(family), 1, torch.tensor([3, 17, 64, 100]), torch.tensor([1]), 2, 16
+    )
+    apply_structured(
+        model.model.layers[1], _family(), model.config, torch.tensor([3, 17, 64, 100]), torch.tensor([1])
+    )
+    assert model.model.layers[1].self_attn.q_proj.weight.shape == (32, 64)
+    assert model.model.layers[1].self_attn.k_proj.weight.shape == (16, 64)
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 4)
+    if family == "qwen2":
+        assert model.model.layers[1].self_attn.k_proj.bias.shape == (16,)
+    x = torch.randint(0, 128, (2, 24))
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def _family():
+    from loram_core.models import FAMILIES
+
+    return FAMILIES["llama"]
+
+
+def test_plain_multi_head_attention_keeps_int_n_times_one_minus_r_heads(tmp_path) -> None:
+    tiny_model(num_key_value_heads=4, num_hidden_layers=4).save_pretrained(tmp_path / "b")
+    cfg = PruneConfig(strategy="random", ratio=0.3, keep_first=1, keep_last=1)
+    masks = prune_checkpoint(tmp_path / "b", tmp_path / "p", cfg, torch.randint(0, 128, (4, 16)))
+    model = load_model(tmp_path / "p")
+    assert [len(masks.kept_kv_heads[i]) for i in (1, 2)] == [2, 2]  # int(4 * 0.7) = 2
+    assert model.model.layers[1].self_attn.q_proj.out_features == 32
+    assert model.model.layers[1].mlp.gate_proj.out_features == 128 - 39  # ceil(128 * 0.3) removed
+    assert model.model.layers[0].mlp.gate_proj.out_features == 128
+
+
+@pytest.mark.parametrize("strategy", ["random", "structured"])
+def test_structured_checkpoint_matches_plan_and_masks_round_trip(tiny_checkpoint, tmp_path, strategy) -> None:
+    cfg = PruneConfig(strategy=strategy, ratio=0.5, keep_first=1, keep_last=1, calib_samples=4)
+    masks = prune_checkpoint(tiny_checkpoint, tmp_path / "p", cfg, torch.randint(0, 128, (4, 32)))
+    save_masks(masks, tmp_path / "m.safetensors")
+    loaded = load_masks(tmp_path / "m.safetensors")
+    model = load_model(tmp_path / "p")
+    expected = plan(model.config, cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected.pruned_params
+    assert sorted(loaded.kept_channels) == [1, 2]
+    for i in (1, 2):
+        assert torch.equal(loaded.kept_channels[i], masks.kept_channels[i].int())
+        assert loaded.kept_channels[i].dtype == torch.int32 and len(loaded.kept_channels[i]) == 64
+        assert torch.all(loaded.kept_channels[i][1:] > loaded.kept_channels[i][:-1])  # sorted, unique
+    assert model.config.loram["intermediate_sizes"] == [128, 64, 64, 128]
+
+
+def test_group_scores_sum_over_coupled_weights() -> None:
+    config = tiny_model().config
+    sal = {
+        n: torch.zeros(s)
+        for n, s in {
+            "q": (64, 64),
+            "k": (32, 64),
+            "v": (32, 64),
+            "o": (64, 64),
+            "gate": (128, 64),
+            "up": (128, 64),
+            "down": (64, 128),
+        }.items()
+    }
+    sal["down"][:, 5] = 1.0  # channel 5 via down's column
+    sal["gate"][7] = 2.0  # channel 7 via gate's row
+    sal["o"][:, 40] = 3.0  # o column 40 = query head 2 = KV head 1 (group of 2, head_dim 16)
+    channel, kv = group_scores(sal, config)
+    assert channel[5] == 64 and channel[7] == 128 and channel.sum() == 192
+    assert kv.tolist() == [0.0, 192.0]
+
+
+def test_random_selection_is_seeded(tiny_checkpoint, tmp_path) -> None:
+    cfg = PruneConfig(strategy="random", ratio=0.5, keep_first=1, keep_last=1, seed=3)
+    calib = torch.randint(0, 128, (2, 16))
+    a = prune_checkpoint(tiny_checkpoint, tmp_path / "a", cfg, calib)
+    b = prune_checkpoint(tiny_checkpoint, tmp_path / "b", cfg, calib)
+    c = prune_checkpoint(tiny_checkpoint, tmp_path / "c", cfg.model_copy(update={"seed": 4}), calib)
+    assert torch.equal(a.kept_channels[1], b.kept_channels[1])
+    assert not torch.equal(a.kept_channels[1], c.kept_channels[1])
