@@ -1,0 +1,75 @@
+"""The `loram` command line as a user meets it: exit codes and one-paragraph errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO.parent / "shared" / "fixtures" / "llama-2-13b.config.json"
+
+
+def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("prune.ration=0.5", "unknown key `prune.ration`"),
+        ("prune.ratio=1.5", "`prune.ratio` = 1.5: Input should be less than 1"),
+        ("base.source=/nonexistent/model", "no model at '/nonexistent/model': config.json is missing"),
+        ("prune.keep_first=5", "leave no layer to prune"),
+    ],
+)
+def test_run_rejects_bad_input_before_any_work(tmp_path: Path, override: str, expected: str) -> None:
+    result = loram("run", str(REPO / "configs" / "demo.yaml"), override, f"workdir={tmp_path / 'w'}")
+    assert result.returncode == 2
+    assert expected in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 6  # one paragraph (wrapped), no stack
+    assert not (tmp_path / "w").exists()  # nothing started
+
+
+def test_plan_json_reproduces_the_13b_figure() -> None:
+    result = loram("plan", str(FIXTURE), "--strategy", "structured", "--ratio", "0.65", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["original_params"] == 13_015_864_320 and plan["pruned_params"] == 6_005_662_720
+    assert {"reduction", "hbm_gb", "hbm_gb_4bit", "layers"} <= set(plan)
+    assert len(plan["layers"]) == 40
+
+
+def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
+    from loram_core.manifest import Manifest, list_files
+    from loram_core.storage import publish_version
+
+    staging = tmp_path / "s"
+    (staging / "model").mkdir(parents=True)
+    (staging / "model" / "w.safetensors").write_bytes(b"1234")
+    m = Manifest(
+        name="n",
+        version="v",
+        created_at="t",
+        base={},
+        corpus={},
+        prune={},
+        align={},
+        quantize={},
+        params={},
+        metrics={},
+        files=list_files(staging),
+        code_version="x",
+    )
+    publish_version(staging, m, f"file://{tmp_path}/b")
+    ok = loram("inspect", f"file://{tmp_path}/b/n")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["version"] == "v"
+    (tmp_path / "b" / "n" / "v" / "model" / "w.safetensors").write_bytes(b"12345")
+    bad = loram("inspect", f"file://{tmp_path}/b/n/v")
+    assert bad.returncode == 2 and "model/w.safetensors: 5 bytes, manifest says 4" in bad.stderr

@@ -1,0 +1,171 @@
+"""FLoRA: it trains a tiny Llama, keeps small state, resumes bit-identically and resamples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loram_core.optim import Flora, build_optimizer, optimizer_state_bytes
+from loram_core.optim.flora import projection
+from tests.conftest import tiny_model
+
+# Four fixed 12-token phrases, each repeated to 48 tokens: after the first period every token is
+# predictable, so loss can fall far below ln(128) = 4.85 in a few dozen steps.
+PHRASES = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: a second thread only adds contention (50x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(step: int) -> torch.Tensor:
+    """(8, 48) token ids; the same for a given step in every run."""
+    pick = torch.randint(0, len(PHRASES), (8,), generator=torch.Generator().manual_seed(1000 + step))
+    return PHRASES[pick].repeat(1, 4)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, scheduler=None) -> list[float]:
+    losses = []
+    for step in steps:
+        batch = _batch(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _flora(model: nn.Module, **kwargs) -> Flora:
+    return Flora(model.parameters(), **{"lr": 1e-2, "weight_decay": 0.01, "rank": 4, "kappa": 20, **kwargs})
+
+
+@pytest.mark.parametrize(("rank", "bound"), [(4, 2.0), (16, 0.3)])
+def test_flora_trains_tiny_llama(rank: int, bound: float):
+    """Loss falls clearly at rank 4 (a 1/16 compression) and to AdamW's level at rank 16."""
+    model = tiny_model().train()
+    opt = build_optimizer(
+        "flora", model.parameters(), lr=3e-3, weight_decay=0.01, flora_rank=rank, flora_kappa=30
+    )
+    assert isinstance(opt, Flora)
+    losses = _train(model, opt, range(60))  # resamples at steps 30 and 60
+    assert losses[0] > 4.5
+    assert sum(losses[-5:]) / 5 < bound
+
+
+def test_state_is_at_most_a_quarter_of_adamw():
+    flora_model, adam_model = tiny_model().train(), tiny_model().train()
+    flora = _flora(flora_model)
+    adamw = build_optimizer("adamw", adam_model.parameters(), lr=1e-2, weight_decay=0.01)
+    _train(flora_model, flora, range(1))
+    _train(adam_model, adamw, range(1))
+    flora_bytes, adamw_bytes = optimizer_state_bytes(flora), optimizer_state_bytes(adamw)
+    assert adamw_bytes == 2 * 4 * sum(p.numel() for p in adam_model.parameters()) + 4 * len(adamw.state)
+    assert flora_bytes * 4 <= adamw_bytes, (flora_bytes, adamw_bytes)
+    # Every matrix is compressed: (longer side, rank) momentum and row/column second moments.
+    mlp_down = flora.state[flora_model.model.layers[0].mlp.down_proj.weight]  # (64, 128)
+    assert mlp_down["exp_avg"].shape == (4, 128)
+    assert mlp_down["exp_avg_sq_row"].shape == (64,) and mlp_down["exp_avg_sq_col"].shape == (128,)
+    embed = flora.state[flora_model.model.embed_tokens.weight]  # (128, 64)
+    assert embed["exp_avg"].shape == (128, 4)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    def setup(model):
+        opt = _flora(model, kappa=4)  # resamples at steps 4, 8 and 12: before and after the save
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.2 * s))
+
+    straight = tiny_model().train()
+    opt, scheduler = setup(straight)
+    _train(straight, opt, range(12), scheduler)
+
+    first = tiny_model().train()
+    opt, scheduler = setup(first)
+    _train(first, opt, range(6), scheduler)
+    state = {"model": first.state_dict(), "opt": opt.state_dict(), "sched": scheduler.state_dict()}
+    torch.save(state, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+
+    resumed = tiny_model(seed=99).train()  # a fresh process: other weights, all restored from disk
+    resumed.load_state_dict(state["model"])
+    opt, scheduler = setup(resumed)
+    opt.load_state_dict(state["opt"])
+    scheduler.load_state_dict(state["sched"])
+    _train(resumed, opt, range(6, 12), scheduler)
+
+    assert not torch.equal(straight.lm_head.weight, tiny_model().lm_head.weight)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_resampling_transfers_momentum():
+    model = tiny_model().train()
+    opt = _flora(model, lr=1e-3, kappa=3)
+    p = model.model.layers[0].mlp.down_proj.weight  # (64, 128): compresses the 64 side
+    _train(model, opt, range(2))
+    state = opt.state[p]
+    seed, before = state["seed"], state["exp_avg"].clone()
+    assert before.abs().sum() > 0
+
+    batch = _batch(2)
+    model(input_ids=batch, labels=batch).loss.backward()
+    grad = p.grad.clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    assert state["seed"] != seed  # step 3 = kappa: a new projection
+    old, new = projection(seed, 4, 64, p.device), projection(state["seed"], 4, 64, p.device)
+    assert not torch.equal(old, new)
+    momentum = 0.9 * before + 0.1 * (old @ grad)  # this step's update, in the old projection
+    torch.testing.assert_close(state["exp_avg"], new @ (old.T @ momentum))  # up with old, down with new
+    assert state["exp_avg"].abs().sum() > 0
+    assert opt.momentum(p).shape == p.shape
+
+    seed = state["seed"]
+    _train(model, opt, range(3, 5))
+    assert state["seed"] == seed  # steps 4 and 5 keep it
+    _train(model, opt, range(5, 6))
+    assert state["seed"] != seed  # step 6 resamples again
+    seeds = [s["seed"] for s in opt.state.values() if "seed" in s]
+    assert len(set(seeds)) == len(seeds)  # no two matrices share a projection
+
+
+def test_weight_decay_is_decoupled_and_lr_follows_the_group():
+    w, b = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16))
+    opt = Flora([w, b], lr=0.1, weight_decay=0.5, rank=2)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    w.grad, b.grad = torch.zeros_like(w), torch.zeros_like(b)
+    opt.step()  # a zero gradient moves nothing: only decay acts, scaled by lr
+    assert torch.equal(w, w0 * (1 - 0.1 * 0.5)) and torch.equal(b, b0 * (1 - 0.1 * 0.5))
+    opt.param_groups[0]["lr"] = 0.0
+    w1 = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert torch.equal(w, w1)
+
+
+def test_low_precision_params_keep_state_in_their_dtype():
+    w = nn.Parameter(torch.randn(32, 16, dtype=torch.bfloat16))
+    opt = Flora([w], lr=1e-2, rank=4)
+    w0 = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert not torch.equal(w, w0)
+    assert {t.dtype for t in opt.state[w].values() if isinstance(t, torch.Tensor)} == {torch.bfloat16}
+
+
+def test_build_optimizer_names():
+    params = [nn.Parameter(torch.zeros(4, 4))]
+    assert isinstance(build_optimizer("adamw", params, lr=1e-3, weight_decay=0.0), torch.optim.AdamW)
+    flora = build_optimizer("flora", params, lr=1e-3, weight_decay=0.0, flora_rank=2, flora_kappa=7, seed=3)
+    assert flora.param_groups[0]["rank"] == 2 and flora.param_groups[0]["kappa"] == 7
+    with pytest.raises(ValueError, match="'sgd'.*adamw, flora"):
+        build_optimizer("sgd", params, lr=1e-3, weight_decay=0.0)
