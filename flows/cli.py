@@ -39,6 +39,7 @@ def run(
         preflight(cfg)
     except LoramError as err:
         _fail(err)
+    _quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flows.provider import provider
@@ -68,6 +69,20 @@ def run(
         finally:
             _progress.LISTENERS.remove(listen)
     _print_summary(result)
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and Prefect's log lines tell the story; silence the libraries' own bars."""
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # bitsandbytes 0.50 warns on every CPU import that an optional kernels package is missing;
+    # NF4 works without it (its generic path), so the warning only alarms users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _print_summary(result: dict) -> None:

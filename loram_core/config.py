@@ -109,6 +109,15 @@ class PruneConfig(_Section):
     calib_samples: int = Field(32, ge=1, description="Calibration blocks from the corpus.")
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights' dtype while pruning (and of the pruned checkpoint)."
+    )
+    device_map: str | None = Field(
+        None, description="accelerate placement for Taylor scoring, e.g. `auto` (GPUs, then CPU, then disk)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in Taylor's backward pass."
+    )
     seed: int = 0
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:

@@ -48,13 +48,39 @@ def resolve_files(cfg: CorpusConfig, cache_dir: str | Path) -> list[str]:
         return [str(demo_corpus_file(cache_dir))]
     files: list[str] = []
     for pattern in cfg.paths:
-        matches = sorted(glob.glob(os.path.expanduser(pattern))) if "://" not in pattern else [pattern]
+        if "://" in pattern and not pattern.startswith("file://"):
+            matches = _fetch_remote(pattern, Path(cache_dir).expanduser() / "corpus-remote")
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(pattern.removeprefix("file://"))))
         if not matches:
             raise ConfigError(
                 f"corpus.paths entry {pattern!r} matches no file; give existing text/jsonl/parquet files."
             )
         files += matches
     return files
+
+
+def _fetch_remote(pattern: str, cache: Path) -> list[str]:
+    """Copy bucket files (s3://..., globs allowed) to a local cache; `datasets` then reads them locally.
+
+    The cache is keyed by each object's URI, size and ETag (or mtime), so an unchanged object is
+    downloaded once; the corpus fingerprint is still computed over the bytes.
+    """
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+    out = []
+    for remote in sorted(paths):
+        info = fs.info(remote)
+        tag = f"{remote}|{info.get('size')}|{info.get('ETag', info.get('mtime', ''))}"
+        local = cache / hashlib.sha256(tag.encode()).hexdigest()[:16] / Path(remote).name
+        if not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f"{local.name}.tmp{os.getpid()}")
+            fs.get_file(remote, str(tmp))
+            tmp.replace(local)
+        out.append(str(local))
+    return out
 
 
 def _format_of(files: list[str], declared: str) -> str:

@@ -128,14 +128,27 @@ def apply_structured(
 
 
 def taylor_group_scores(
-    model: nn.Module, layers: range, calib: torch.Tensor, estimator: str, batch_size: int = 4
+    model: nn.Module,
+    layers: range,
+    calib: torch.Tensor,
+    estimator: str,
+    batch_size: int = 4,
+    gradient_checkpointing: bool = False,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Accumulate gradients of the LM loss over calibration blocks; score every pruned layer's groups.
 
+    Memory beyond the weights: one gradient per scored linear (accumulated in place by autograd
+    over the batches, as LLM-Pruner's single large backward would) and, for the second-order
+    estimators, one running sum of squared batch gradients. Nothing else in the model gets a
+    gradient. The model may be dispatched over several devices or offloaded with accelerate's
+    `device_map`; inputs go to the device of the embeddings.
+
     Args:
-        model: the original model (train mode is not needed: the loss is the plain next-token loss).
+        model: the original model (the loss is the plain next-token loss).
         layers: indices of the layers to score.
         calib: int `[n, seq_len]` calibration blocks.
+        estimator: see `salience`.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
 
     Returns:
         layer -> (channel scores `[I]`, KV-head scores `[n_kv]`).
@@ -143,42 +156,48 @@ def taylor_group_scores(
     from loram_core.models import decoder_layers, family_of
 
     family = family_of(model.config)
-    wanted = {
-        id(p)
-        for i in layers
-        for lin in layer_linears(decoder_layers(model)[i], family).values()
-        for p in lin.parameters()
-    }
+    scored = [p for i in layers for lin in layer_linears(decoder_layers(model)[i], family).values()
+              for p in lin.parameters()]  # fmt: skip
+    wanted = {id(p) for p in scored}
+    previous = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)  # no gradient (or its memory) for what is not scored
-    grad_sum: dict[int, torch.Tensor] = {}
     grad_sq: dict[int, torch.Tensor] = {}
-    device = next(model.parameters()).device
-    for start in range(0, calib.shape[0], batch_size):
-        batch = calib[start : start + batch_size].to(device=device, dtype=torch.long)
-        model.zero_grad(set_to_none=True)
-        model(input_ids=batch, labels=batch).loss.backward()
-        for p in model.parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.detach().float()
-            grad_sum[id(p)] = grad_sum.get(id(p), 0) + g
-            if estimator in ("param_second", "param_mix"):
-                grad_sq[id(p)] = grad_sq.get(id(p), 0) + g * g
+    hooks = []
+    if estimator in ("param_second", "param_mix"):
+        for p in scored:  # the hook sees each batch's own gradient, before accumulation
+
+            def add_square(g: torch.Tensor, key: int = id(p)) -> None:
+                grad_sq[key] = grad_sq.get(key, 0) + g.detach().float() ** 2
+
+            hooks.append(p.register_hook(add_square))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # transformers only checkpoints in training mode; dropout is 0 in these families
+    device = model.get_input_embeddings().weight.device
     model.zero_grad(set_to_none=True)
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            batch = calib[start : start + batch_size].to(device=device, dtype=torch.long)
+            n = batch.shape[0] / calib.shape[0]  # weight batches so the sum is the mean over all blocks
+            (model(input_ids=batch, labels=batch).loss * n).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        if gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+            model.eval()
     scores = {}
     for i in layers:
-        lin = layer_linears(decoder_layers(model)[i], family)
         sal = {}
-        for name, module in lin.items():
-            w = module.weight
-            sal[name] = salience(w.detach(), grad_sum[id(w)], grad_sq.get(id(w)), estimator)
-            if module.bias is not None:
-                b = module.bias
-                sal[f"{name}_bias"] = salience(b.detach(), grad_sum[id(b)], grad_sq.get(id(b)), estimator)
+        for name, module in layer_linears(decoder_layers(model)[i], family).items():
+            for kind, p in (("", module.weight), ("_bias", module.bias)):
+                if p is not None:
+                    sal[name + kind] = salience(p.detach(), p.grad, grad_sq.get(id(p)), estimator)
         scores[i] = group_scores(sal, model.config)
+    model.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(previous[id(p)])
     return scores
 
 
@@ -191,7 +210,10 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
     from loram_core.prune.masks import Masks
     from loram_core.prune.plan import pruned_layer_widths, structured_config
 
-    model = load_model(base_dir)
+    # Taylor needs a backward through the whole model: let accelerate place (or offload) it when
+    # asked; random selection only reads shapes, so it stays on the CPU.
+    placement = {"device_map": cfg.device_map} if cfg.device_map and cfg.strategy == "structured" else {}
+    model = load_model(base_dir, dtype=getattr(torch, cfg.dtype), **placement)
     config = model.config
     family = family_of(config)
     start, stop = cfg.layer_range(config.num_hidden_layers)
@@ -199,7 +221,10 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
     kv, _, _ = _gqa(config)
     layers = range(start, stop)
     if cfg.strategy == "structured":
-        scores = taylor_group_scores(model, layers, calib[: cfg.calib_samples], cfg.importance)
+        scores = taylor_group_scores(
+            model, layers, calib[: cfg.calib_samples], cfg.importance,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed)
     masks = Masks(strategy=cfg.strategy)
     for n, i in enumerate(layers):

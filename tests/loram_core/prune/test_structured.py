@@ -103,3 +103,21 @@ def test_random_selection_is_seeded(tiny_checkpoint, tmp_path) -> None:
     c = prune_checkpoint(tiny_checkpoint, tmp_path / "c", cfg.model_copy(update={"seed": 4}), calib)
     assert torch.equal(a.kept_channels[1], b.kept_channels[1])
     assert not torch.equal(a.kept_channels[1], c.kept_channels[1])
+
+
+@pytest.mark.parametrize("estimator", ["param_first", "vector", "param_second", "param_mix"])
+def test_taylor_scores_are_the_same_with_gradient_checkpointing(estimator: str) -> None:
+    from loram_core.prune.structured import taylor_group_scores
+
+    calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    plain = taylor_group_scores(tiny_model(), range(0, 2), calib, estimator, batch_size=4)
+    ckpt = taylor_group_scores(
+        tiny_model(), range(0, 2), calib, estimator, batch_size=4, gradient_checkpointing=True
+    )
+    for i in (0, 1):
+        torch.testing.assert_close(plain[i][0], ckpt[i][0])
+        torch.testing.assert_close(plain[i][1], ckpt[i][1])
+        assert plain[i][0].shape == (128,) and plain[i][1].shape == (2,) and (plain[i][0] >= 0).all()
+    model = tiny_model()
+    taylor_group_scores(model, range(0, 2), calib, estimator)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # leaves the model as found

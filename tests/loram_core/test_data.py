@@ -1,0 +1,72 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from loram_core.config import CorpusConfig
+from loram_core.data import is_heldout, make_blocks, pack, read_documents, resolve_files
+from loram_core.errors import ConfigError
+
+
+@pytest.fixture
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {c: i for i, c in enumerate(["</s>", *"abcdefghijklmnopqrstuvwxyz .,"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def test_text_jsonl_and_parquet_read_the_same_documents(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = ["first doc line one\\nline two", "second doc", "third doc"]
+    (tmp_path / "c.txt").write_text("\n\n".join(d.replace("\\n", "\n") for d in docs) + "\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
+    assert len(read_documents([str(tmp_path / "c.txt")])) == 3
+    assert read_documents([str(tmp_path / "c.jsonl")], text_field="body") == docs
+    assert read_documents([str(tmp_path / "c.parquet")], text_field="body") == docs
+    with pytest.raises(ConfigError, match="corpus.text_field='text' is not a column"):
+        read_documents([str(tmp_path / "c.jsonl")])
+
+
+def test_globs_file_uris_and_missing_files(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.txt").write_text("y")
+    cfg = CorpusConfig(paths=[f"file://{tmp_path}/*.txt"])
+    assert resolve_files(cfg, tmp_path) == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    with pytest.raises(ConfigError, match="matches no file"):
+        resolve_files(CorpusConfig(paths=[str(tmp_path / "none*.txt")]), tmp_path)
+
+
+def test_remote_files_are_fetched_once_into_the_cache(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/corpus/part-0.txt", b"hello world\n\nmore text\n")
+    files = resolve_files(CorpusConfig(paths=["memory://bucket/corpus/*.txt"]), tmp_path)
+    assert len(files) == 1 and Path(files[0]).read_bytes() == b"hello world\n\nmore text\n"
+    assert resolve_files(CorpusConfig(paths=["memory://bucket/corpus/*.txt"]), tmp_path) == files
+
+
+def test_packing_joins_documents_with_eos_and_drops_the_tail(char_tokenizer) -> None:
+    blocks = pack(["abc", "de"], char_tokenizer, seq_len=3)
+    assert blocks.dtype == torch.int32 and blocks.tolist() == [[1, 2, 3], [0, 4, 5]]  # tail </s> dropped
+
+
+def test_heldout_split_depends_on_content_only(char_tokenizer) -> None:
+    import random
+
+    rng = random.Random(0)
+    docs = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(40)) for _ in range(200)]
+    held = {d for d in docs if is_heldout(d, 0.1)}
+    assert 5 < len(held) < 40
+    a = make_blocks(docs, char_tokenizer, 16, 0.1, seed=0)
+    b = make_blocks(list(reversed(docs)), char_tokenizer, 16, 0.1, seed=1, max_tokens=160)
+    assert a.heldout.shape[1] == 16 and b.train.shape == (10, 16)
+    train_text = {tuple(r) for r in a.train.tolist()}
+    assert not train_text & {tuple(r) for r in a.heldout.tolist()}
