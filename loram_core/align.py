@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from loram_core.config import AlignConfig
+from loram_core.distributed import Dist
+from loram_core.errors import LoramError
 from loram_core.optim import build_optimizer
 
 ProgressFn = Callable[[dict], None]
@@ -40,6 +42,10 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"losses": self.losses, "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_s": self.tokens_per_second, "resumed_from": self.resumed_from}  # fmt: skip
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -94,15 +100,25 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 
 def _save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer, scheduler, step: int, result: TrainResult
+    ckpt_dir: Path, model: nn.Module, optimizer, scheduler, step: int, result: TrainResult, dist_info=None
 ) -> None:
+    if dist_info is not None:
+        from loram_core.distributed import full_state
+
+        model_sd, optim_sd = full_state(model, optimizer)  # a collective: every rank takes part
+        if not dist_info.main:
+            torch.distributed.barrier()
+            return
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if dist_info is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if dist_info is None else optim_sd,
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
         },
@@ -119,6 +135,8 @@ def _save_checkpoint(
         ckpt_dir.rename(old)
     tmp.rename(ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
+    if dist_info is not None:
+        torch.distributed.barrier()
 
 
 def clear_checkpoint(checkpoint_dir: str | Path) -> None:
@@ -144,6 +162,7 @@ def train_causal_lm(
     masks: dict[str, torch.Tensor] | None = None,
     progress: ProgressFn | None = None,
     stop_after: int | None = None,
+    dist_info: Dist | None = None,
 ) -> TrainResult:
     """Train `model` in place on `train_blocks` with the next-token loss.
 
@@ -155,6 +174,10 @@ def train_causal_lm(
         masks: parameter name -> keep-mask (sparse strategies); re-applied after every step.
         progress: called with a dict (step, total, loss, lr, tokens_per_s) every `log_every` steps.
         stop_after: stop (after checkpointing) once this step is reached; for tests of resumption.
+        dist_info: this process's place under `torchrun`; the model is wrapped with DDP or FSDP2
+            (`cfg.parallel`) and each rank trains on its slice of every global batch. Checkpoints
+            hold full state dicts, so a run resumes on any number of processes (but a checkpoint
+            of an in-process run is not one of a distributed run, and vice versa).
 
     Returns:
         The loss history and throughput.
@@ -164,6 +187,20 @@ def train_causal_lm(
         model.lm_head.weight.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    inner = model
+    rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
+    if world == 1:
+        dist_info = None
+    else:
+        from loram_core.distributed import wrap
+        from loram_core.models import decoder_layers
+
+        if cfg.parallel == "fsdp" and (masks or cfg.optimizer != "adamw"):
+            raise LoramError(
+                "align.parallel=fsdp shards every weight; sparse masks and FLoRA need whole matrices. "
+                "Use align.parallel=ddp for sparse strategies or align.optimizer=flora."
+            )
+        model = wrap(model, cfg.parallel, decoder_layers(model))  # DDP: `inner` stays the module
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(
         cfg.optimizer,
@@ -181,9 +218,14 @@ def train_causal_lm(
     ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     found = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
     if found is not None:
-        load_model(model, str(found / "model.safetensors"), device=str(device))
         state = torch.load(found / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if dist_info is None:
+            load_model(model, str(found / "model.safetensors"), device=str(device))
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            from loram_core.distributed import load_full_state
+
+            load_full_state(model, optimizer, load_file(str(found / "model.safetensors")), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         meta = json.loads((found / "trainer.json").read_text())
@@ -193,16 +235,15 @@ def train_causal_lm(
 
     model.train()
     n_blocks, seq_len = train_blocks.shape
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * world  # samples per optimizer step, all ranks
     window: list[float] = []
     t0 = time.perf_counter()
     seconds_before = result.seconds
     for step in range(start_step, cfg.steps):
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            idx = sample_positions(
-                step * per_step + micro * cfg.batch_size, cfg.batch_size, n_blocks, cfg.seed
-            )
+            first = step * per_step + (micro * world + rank) * cfg.batch_size  # this rank's slice
+            idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
             batch = train_blocks[idx].to(device=device, dtype=torch.long)
             with autocast_context(cfg.precision, device):
                 loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
@@ -214,8 +255,12 @@ def train_causal_lm(
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if masks:
-            apply_masks(model, masks)
+            apply_masks(inner, masks)
         result.tokens += per_step * seq_len
+        if dist_info is not None:
+            from loram_core.distributed import mean_over_ranks
+
+            step_loss = mean_over_ranks(step_loss)
         window.append(step_loss)
         done = step + 1
         result.seconds = seconds_before + time.perf_counter() - t0
@@ -234,7 +279,7 @@ def train_causal_lm(
                 )
         stopping = stop_after is not None and done >= stop_after
         if ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
-            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, result)
+            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, result, dist_info)
         if stopping:
             break
     model.eval()

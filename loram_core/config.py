@@ -152,6 +152,10 @@ class AlignConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`auto`: bf16 autocast where the device supports it, else fp32."
     )
+    nproc_per_node: int = Field(
+        1, ge=1, description="1: train in the task's process; >1: launch the loop under torchrun."
+    )
+    parallel: Literal["ddp", "fsdp"] = Field("fsdp", description="How torchrun's processes share the model.")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0

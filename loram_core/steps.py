@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -165,35 +166,51 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
         return pruned_dir
     work = out.with_name(out.name + ".partial")  # checkpoints live here until the model is saved
     work.mkdir(parents=True, exist_ok=True)
-    model = load_model(pruned_dir)
-    blocks = load_blocks(blocks_file)
-    result = train_causal_lm(
-        model,
-        blocks.train,
-        cfg.align,
-        checkpoint_dir=work,
-        masks=_sparse_masks(pruned_dir),
-        progress=progress,
-    )
     tmp = _fresh(out.with_name(out.name + ".tmp"))
-    model.save_pretrained(tmp)
+    if cfg.align.nproc_per_node > 1:
+        result = _align_torchrun(cfg, pruned_dir, blocks_file, work, tmp, progress)
+    else:
+        model = load_model(pruned_dir)
+        blocks = load_blocks(blocks_file)
+        result = train_causal_lm(
+            model, blocks.train, cfg.align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir), progress=progress
+        ).to_dict()  # fmt: skip
+        model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
     shutil.copytree(Path(pruned_dir) / "masks", tmp / "masks")
-    (tmp / "train_log.json").write_text(
-        json.dumps(
-            {
-                "losses": result.losses,
-                "tokens": result.tokens,
-                "seconds": result.seconds,
-                "tokens_per_s": result.tokens_per_second,
-                "resumed_from": result.resumed_from,
-            }
-        )
-    )
+    (tmp / "train_log.json").write_text(json.dumps(result))
     _commit(tmp, out)
     clear_checkpoint(work)
     shutil.rmtree(work, ignore_errors=True)
     return str(out)
+
+
+def _align_torchrun(
+    cfg: PipelineConfig, pruned_dir: str, blocks_file: str, work: Path, out: Path, progress: Progress | None
+) -> dict:
+    """Run the alignment loop in `align.nproc_per_node` processes on this node under torchrun."""
+    config_file = work / "run-config.json"
+    config_file.write_text(cfg.model_dump_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={cfg.align.nproc_per_node}", "-m", "loram_core.align_worker",
+           "--config", str(config_file), "--pruned", pruned_dir, "--blocks", blocks_file,
+           "--workdir", str(work), "--out", str(out)]  # fmt: skip
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            if line.startswith('{"progress"'):
+                if progress is not None:
+                    progress(json.loads(line)["progress"])
+            else:
+                sys.stdout.write(line)
+    if proc.returncode:
+        raise LoramError(
+            f"alignment under torchrun ({cfg.align.nproc_per_node} processes) exited with code "
+            f"{proc.returncode}; the workers' errors are in the log above. Its checkpoint in {work} is kept."
+        )
+    result_file = out / "train_result.json"
+    result = json.loads(result_file.read_text())
+    result_file.unlink()  # not part of the model directory
+    return result
 
 
 def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:

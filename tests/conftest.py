@@ -67,3 +67,14 @@ def demo_blocks(demo_base: Path, tmp_path_factory):
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"workdir={tmp_path_factory.mktemp('work')}"])
     return load_blocks(steps.prepare_corpus(cfg, str(demo_base)))
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (vocab < 128) so that checkpoints in tests are complete."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["</s>", *"abcdefghijklmnopqrstuvwxyz .,"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")

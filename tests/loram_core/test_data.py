@@ -3,20 +3,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from loram_core.config import CorpusConfig
 from loram_core.data import is_heldout, make_blocks, pack, read_documents, resolve_files
 from loram_core.errors import ConfigError
+from tests.conftest import tiny_tokenizer
 
 
 @pytest.fixture
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {c: i for i, c in enumerate(["</s>", *"abcdefghijklmnopqrstuvwxyz .,"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+def char_tokenizer():
+    return tiny_tokenizer()
 
 
 def test_text_jsonl_and_parquet_read_the_same_documents(tmp_path: Path) -> None:
