@@ -7,18 +7,17 @@ hash configs and paths only, and the models must never be passed between tasks).
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from loram_core import steps
 from loram_core.config import PipelineConfig
-from loram_core.plots import loss_curve_png, png_data_uri
 from tasks._progress import StepProgress
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_base(cfg: PipelineConfig) -> str:
-    return steps.prepare_base(cfg, StepProgress("pretrain-demo-base", "Pretraining the demo base model"))
+    progress = StepProgress("pretrain-demo-base", "Demo base pretraining", curve_key="demo-pretraining-loss")
+    return steps.prepare_base(cfg, progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -33,19 +32,8 @@ def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str) -> str:
-    aligned = steps.align(
-        cfg, pruned_dir, blocks_file, StepProgress("align", "Aligning (continual pre-training)")
-    )
-    log = steps.train_log(aligned)
-    if log["losses"]:
-        table = "\n".join(f"| {s} | {loss:.4f} |" for s, loss in log["losses"])
-        create_markdown_artifact(
-            key="alignment-loss",
-            markdown=f"## Alignment loss\n\n![loss curve]({png_data_uri(loss_curve_png(log['losses']))})\n\n"
-            f"| step | loss |\n|---|---|\n{table}\n",
-            description="Loss curve of the alignment run",
-        )
-    return aligned
+    progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
+    return steps.align(cfg, pruned_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)

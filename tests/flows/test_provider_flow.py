@@ -34,6 +34,12 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One demo-base cache for the module: the tiny base is pretrained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
@@ -43,7 +49,9 @@ def prefect_server():
 
 
 @pytest.mark.parametrize("strategy", ["random", "semi"])
-def test_flow_publishes_a_verified_version(prefect_server, tmp_path: Path, strategy: str) -> None:
+def test_flow_publishes_a_verified_version(
+    prefect_server, cache: Path, tmp_path: Path, strategy: str
+) -> None:
     from prefect.client.orchestration import get_client  # noqa: F401 - the harness is live
 
     from flows.provider import provider
@@ -53,7 +61,7 @@ def test_flow_publishes_a_verified_version(prefect_server, tmp_path: Path, strat
         TINY
         + [
             f"workdir={tmp_path / 'work'}",
-            f"base.cache_dir={tmp_path / 'cache'}",
+            f"base.cache_dir={cache}",
             f"publish.uri=file://{tmp_path / 'bucket'}",
             "publish.version=v1",
             f"prune.strategy={strategy}",
@@ -77,3 +85,36 @@ def test_flow_publishes_a_verified_version(prefect_server, tmp_path: Path, strat
         json.loads((tmp_path / "bucket" / "demo-llama" / "v1" / "manifest.json").read_text())["version"]
         == "v1"
     )
+
+
+def test_alignment_loss_curve_is_an_artifact_updated_during_the_run(
+    prefect_server, cache: Path, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.provider import provider
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
+        f"workdir={tmp_path / 'work'}", f"base.cache_dir={cache}", "quantize.enabled=false",
+        f"publish.uri=file://{tmp_path / 'bucket'}", "align.steps=20", "align.log_every=2",
+    ])  # fmt: skip
+    provider(cfg.model_dump(mode="json"))
+
+    async def versions() -> list:
+        async with get_client() as client:
+            flt = ArtifactFilter(key=ArtifactFilterKey(any_=["alignment-loss"]))
+            return await client.read_artifacts(
+                artifact_filter=flt, flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                sort=ArtifactSort.CREATED_DESC, limit=200,
+            )  # fmt: skip
+
+    arts = asyncio.run(versions())
+    # One version about every 10% of the run (plus the last): the UI shows the curve as it grows.
+    assert len(arts) >= 10
+    latest = max(arts, key=lambda a: a.created)
+    assert "data:image/png;base64," in latest.data and "| 20 |" in latest.data
+    assert any("step 10/20" in a.data for a in arts)
