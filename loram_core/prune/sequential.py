@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PretrainedConfig
 
 from loram_core.config import PruneConfig
 from loram_core.models import build_model, decoder_layers, family_of, layer_linears, load_config
@@ -36,13 +38,84 @@ class CheckpointReader:
             with safe_open(str(path), framework="pt") as f:
                 self.files = {name: path for name in f.keys()}  # noqa: SIM118
 
-    def read(self, prefix: str) -> dict[str, torch.Tensor]:
+    def read(self, prefix: str, exclude: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors whose name starts with `prefix` (or, with `exclude`, all others), prefix removed.
+
+        Only the selected tensors are read from disk: the rest of the file stays unmapped.
+        """
         out = {}
         for name, path in self.files.items():
-            if name.startswith(prefix):
+            if name.startswith(prefix) != exclude:
                 with safe_open(str(path), framework="pt") as f:
-                    out[name[len(prefix) :]] = f.get_tensor(name)
+                    out[name if exclude else name[len(prefix) :]] = f.get_tensor(name)
         return out
+
+
+class ShardWriter:
+    """Writes a checkpoint shard by shard, then the standard `model.safetensors.index.json`."""
+
+    def __init__(self, out_dir: Path, n_shards: int) -> None:
+        self.out_dir, self.n_shards = out_dir, n_shards
+        self.weight_map: dict[str, str] = {}
+        self.total_bytes = 0
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{k + 1:05d}-of-{self.n_shards:05d}.safetensors"
+        save_file(
+            {n: t.contiguous() for n, t in tensors.items()},
+            str(self.out_dir / name),
+            metadata={"format": "pt"},
+        )
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def stream_layers(
+    base_dir: Path,
+    out_dir: Path,
+    process_layer: Callable[[int, nn.Module], None],
+    prepare: Callable[[nn.Module], None] | None = None,
+    progress=None,
+) -> PretrainedConfig:
+    """Rewrite a checkpoint one decoder layer at a time.
+
+    The embeddings, final norm and head are loaded (and `prepare(model)` may run them, e.g. to
+    capture calibration inputs); then each layer is read from the memory-mapped safetensors,
+    passed to `process_layer(i, layer)` (which may prune or resize it in place), written to its
+    own shard and dropped. Returns the base config (the caller records what it did in it).
+    """
+    config = load_config(base_dir)
+    family = family_of(config)
+    reader = CheckpointReader(base_dir)
+    model = build_model(config, "meta")
+    rotary = model.model.rotary_emb
+    # Rotary frequencies are buffers not stored in checkpoints: build them for real.
+    with torch.device("cpu"):
+        model.model.rotary_emb = type(rotary)(config=config)
+    rest = reader.read(family.layers + ".", exclude=True)
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if prepare is not None:
+        prepare(model)
+    n_layers = config.num_hidden_layers
+    writer = ShardWriter(out_dir, n_layers + 1)
+    for i, layer in enumerate(decoder_layers(model)):
+        prefix = f"{family.layers}.{i}."
+        layer.load_state_dict(reader.read(prefix), strict=True, assign=True)
+        process_layer(i, layer)
+        writer.write(i, {prefix + k: v for k, v in layer.state_dict().items()})
+        layer.to("meta")  # drop the layer: only one is resident at a time
+        if progress is not None:
+            progress("prune", i + 1, n_layers)
+    tied = getattr(config, "tie_word_embeddings", False)
+    writer.write(n_layers, {k: v for k, v in rest.items() if not (tied and k == "lm_head.weight")})
+    writer.finish()
+    return config
 
 
 class _Captured(Exception):
@@ -117,55 +190,33 @@ def prune_sparse(
 ) -> Masks:
     """`semi` (n:m) and `unstructured` strategies, streamed layer by layer.
 
-    Writes one safetensors shard per decoder layer plus one for the rest, and the standard
-    `model.safetensors.index.json`, so stock `from_pretrained` loads the result.
+    Each layer is calibrated on the outputs of the already pruned layers before it. The result has
+    one safetensors shard per decoder layer plus one for the rest and the standard index, so stock
+    `from_pretrained` loads it.
     """
-    config = load_config(base_dir)
-    family = family_of(config)
-    reader = CheckpointReader(base_dir)
-    model = build_model(config, "meta")
-    rotary = model.model.rotary_emb
-    # Rotary frequencies are buffers not stored in checkpoints: build them for real.
-    with torch.device("cpu"):
-        model.model.rotary_emb = type(rotary)(config=config)
-    rest = {k: v for k, v in reader.read("").items() if not k.startswith(family.layers + ".")}
-    model.load_state_dict(rest, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    start, stop = cfg.layer_range(config.num_hidden_layers)
-    calib = calib[: cfg.calib_samples]
-    inputs = _capture_layer_inputs(model, calib, batch_size=8)
-    n_layers = config.num_hidden_layers
-    shard = lambda k: f"model-{k + 1:05d}-of-{n_layers + 1:05d}.safetensors"  # noqa: E731
-    weight_map: dict[str, str] = {}
-    total_bytes = 0
+    family = family_of(load_config(base_dir))
     masks = Masks(strategy=cfg.strategy)
-    for i, layer in enumerate(decoder_layers(model)):
-        prefix = f"{family.layers}.{i}."
-        layer.load_state_dict(reader.read(prefix), strict=True, assign=True)
+    state: dict = {}
+
+    def capture(model: nn.Module) -> None:
+        state["inputs"] = _capture_layer_inputs(model, calib[: cfg.calib_samples], batch_size=8)
+        state["range"] = cfg.layer_range(model.config.num_hidden_layers)
+
+    def process(i: int, layer: nn.Module) -> None:
+        start, stop = state["range"]
+        inputs = state["inputs"]
         if start <= i < stop:
             linears = {getattr(family, n): m for n, m in layer_linears(layer, family).items()}
             hessians = _hessians(layer, linears, inputs)
             for path, lin in linears.items():
-                new_w, keep = _solve(lin.weight.data, hessians[path], cfg)
+                new_w, keep = _solve(lin.weight.data, hessians.pop(path), cfg)
                 lin.weight.data.copy_(new_w)
-                masks.sparse[f"{prefix}{path}.weight"] = keep
-            del hessians
-        inputs = [(out, kw) for out, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
-        tensors = {prefix + k: v.contiguous() for k, v in layer.state_dict().items()}
-        save_file(tensors, str(out_dir / shard(i)), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard(i)))
-        total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
-        layer.to("meta")  # drop the layer: only one is resident at a time
-        if progress is not None:
-            progress("prune", i + 1, n_layers)
-    tied = getattr(config, "tie_word_embeddings", False)
-    rest = {k: v.contiguous() for k, v in rest.items() if not (tied and k == "lm_head.weight")}
-    save_file(rest, str(out_dir / shard(n_layers)), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(rest, shard(n_layers)))
-    total_bytes += sum(t.numel() * t.element_size() for t in rest.values())
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+                masks.sparse[f"{family.layers}.{i}.{path}.weight"] = keep
+        # The next layer is calibrated on what this (pruned) layer now outputs.
+        state["inputs"] = [(out, kw) for out, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
+
+    config = stream_layers(base_dir, out_dir, process, prepare=capture, progress=progress)
+    start, stop = state["range"]
     config.loram = {
         "strategy": cfg.strategy,
         "ratio": cfg.ratio if cfg.strategy == "unstructured" else cfg.n_m[0] / cfg.n_m[1],

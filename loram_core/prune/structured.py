@@ -204,36 +204,35 @@ def taylor_group_scores(
 def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None):
     """`random` and `structured` strategies: choose kept groups, cut the layers, save.
 
-    The whole model is loaded (Taylor importance needs the loss gradient through every layer).
+    `random` streams the checkpoint one layer at a time (it only needs shapes); `structured` loads
+    the whole model, because Taylor importance needs the loss gradient through every layer.
     """
     from loram_core.models import decoder_layers, family_of, load_model
     from loram_core.prune.masks import Masks
     from loram_core.prune.plan import pruned_layer_widths, structured_config
 
-    # Taylor needs a backward through the whole model: let accelerate place (or offload) it when
-    # asked; random selection only reads shapes, so it stays on the CPU.
-    placement = {"device_map": cfg.device_map} if cfg.device_map and cfg.strategy == "structured" else {}
+    if cfg.strategy == "random":
+        return _prune_random_streamed(base_dir, out_dir, cfg, progress)
+
+    # Taylor needs a backward through the whole model: accelerate may place (or offload) it.
+    placement = {"device_map": cfg.device_map} if cfg.device_map else {}
     model = load_model(base_dir, dtype=getattr(torch, cfg.dtype), **placement)
     config = model.config
     family = family_of(config)
     start, stop = cfg.layer_range(config.num_hidden_layers)
     target = pruned_layer_widths(config, cfg.ratio)
-    kv, _, _ = _gqa(config)
     layers = range(start, stop)
-    if cfg.strategy == "structured":
-        scores = taylor_group_scores(
-            model, layers, calib[: cfg.calib_samples], cfg.importance,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-        )  # fmt: skip
-    generator = torch.Generator().manual_seed(cfg.seed)
+    scores = taylor_group_scores(
+        model,
+        layers,
+        calib[: cfg.calib_samples],
+        cfg.importance,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
     masks = Masks(strategy=cfg.strategy)
     for n, i in enumerate(layers):
-        if cfg.strategy == "random":
-            channels = random_keep(config.intermediate_size, target["intermediate"], generator)
-            heads = random_keep(kv, target["kv_heads"], generator)
-        else:
-            channels = top_keep(scores[i][0], target["intermediate"])
-            heads = top_keep(scores[i][1], target["kv_heads"])
+        channels = top_keep(scores[i][0], target["intermediate"])
+        heads = top_keep(scores[i][1], target["kv_heads"])
         with torch.no_grad():
             apply_structured(decoder_layers(model)[i], family, config, channels, heads)
         masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
@@ -241,4 +240,31 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
             progress("prune", n + 1, len(layers))
     model.config = structured_config(config, cfg)
     model.save_pretrained(out_dir)
+    return masks
+
+
+@torch.no_grad()
+def _prune_random_streamed(base_dir, out_dir, cfg, progress=None):
+    from loram_core.models import family_of, load_config
+    from loram_core.prune.masks import Masks
+    from loram_core.prune.plan import pruned_layer_widths, structured_config
+    from loram_core.prune.sequential import stream_layers
+
+    config = load_config(base_dir)
+    family = family_of(config)
+    start, stop = cfg.layer_range(config.num_hidden_layers)
+    target = pruned_layer_widths(config, cfg.ratio)
+    kv, _, _ = _gqa(config)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    masks = Masks(strategy=cfg.strategy)
+
+    def process(i: int, layer: nn.Module) -> None:
+        if start <= i < stop:  # the same draws, in the same order, as selecting on a loaded model
+            channels = random_keep(config.intermediate_size, target["intermediate"], generator)
+            heads = random_keep(kv, target["kv_heads"], generator)
+            apply_structured(layer, family, config, channels, heads)
+            masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
+
+    stream_layers(base_dir, out_dir, process, progress=progress)
+    structured_config(config, cfg).save_pretrained(out_dir)
     return masks
