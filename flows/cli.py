@@ -119,31 +119,35 @@ def inspect(uri: Annotated[str, typer.Argument(help="<bucket>/<name>[/<version>]
 
 @app.command()
 def plan(
-    source: Annotated[Path, typer.Argument(help="a model directory or its config.json")],
-    strategy: Annotated[str, typer.Option(help="random | structured | semi | unstructured")] = "structured",
-    ratio: Annotated[float, typer.Option(help="fraction removed")] = 0.5,
+    source: Annotated[Path, typer.Argument(help="a pipeline YAML, a model directory or its config.json")],
+    strategy: Annotated[Optional[str], typer.Option(help="random | structured | semi | unstructured")] = None,  # noqa: UP045
+    ratio: Annotated[Optional[float], typer.Option(help="fraction removed")] = None,  # noqa: UP045
     keep_first: Annotated[Optional[int], typer.Option(help="leading layers left dense")] = None,  # noqa: UP045
     keep_last: Annotated[Optional[int], typer.Option(help="trailing layers left dense")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON object")] = False,
 ) -> None:
-    """Widths, parameter counts and HBM of a pruning config, with no weights loaded."""
-    from loram_core.config import parse_config
+    """Widths, parameter counts and HBM of a pruning config, with no weights loaded.
+
+    With a pipeline YAML the model is its `base.source` and the options override its `prune`
+    section; with a model, unset options default to structured at 0.5.
+    """
+    from loram_core.config import load_config, parse_config
     from loram_core.prune.plan import plan as make_plan
     from loram_core.prune.plan import read_model_config
 
+    options = {"strategy": strategy, "ratio": ratio, "keep_first": keep_first, "keep_last": keep_last}
     try:
-        prune_cfg = parse_config(
-            {
-                "prune": {
-                    "strategy": strategy,
-                    "ratio": ratio,
-                    "keep_first": keep_first,
-                    "keep_last": keep_last,
-                }
-            },
-            source="command-line options",
-        ).prune
-        p = make_plan(read_model_config(source), prune_cfg)
+        if source.suffix in (".yaml", ".yml"):
+            pipeline = load_config(source)
+            model_config = _base_model_config(pipeline)
+            prune = pipeline.prune.model_dump()
+            prune.update({k: v for k, v in options.items() if v is not None})
+        else:
+            model_config = read_model_config(source)
+            prune = {"strategy": strategy or "structured", "ratio": 0.5 if ratio is None else ratio,
+                     "keep_first": keep_first, "keep_last": keep_last}  # fmt: skip
+        prune_cfg = parse_config({"prune": prune}, source="command-line options").prune
+        p = make_plan(model_config, prune_cfg)
     except LoramError as err:
         _fail(err)
     if as_json:
@@ -160,6 +164,20 @@ def plan(
         f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {p.hbm_gb:.2f} GB bf16, "
         f"{p.hbm_gb_4bit:.2f} GB 4-bit (QLoRAM accounting), {p.hbm_gb_4bit_actual:.2f} GB 4-bit actual"
     )
+
+
+def _base_model_config(pipeline):
+    """The base model's config for a pipeline: read from `base.source`, or the demo's, built in memory."""
+    from loram_core.prune.plan import read_model_config
+
+    if pipeline.base.source != "demo":
+        return read_model_config(pipeline.base.source)
+    from transformers import LlamaConfig
+
+    d = pipeline.base.demo
+    return LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+                       num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
+                       num_key_value_heads=d.num_key_value_heads, tie_word_embeddings=False)  # fmt: skip
 
 
 def main() -> None:

@@ -73,3 +73,13 @@ def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
     (tmp_path / "b" / "n" / "v" / "model" / "w.safetensors").write_bytes(b"12345")
     bad = loram("inspect", f"file://{tmp_path}/b/n/v")
     assert bad.returncode == 2 and "model/w.safetensors: 5 bytes, manifest says 4" in bad.stderr
+
+
+def test_plan_of_a_pipeline_config_uses_its_prune_section_and_options_override() -> None:
+    demo = json.loads(loram("plan", str(REPO / "configs" / "demo.yaml"), "--json").stdout)
+    assert demo["strategy"] == "random" and demo["ratio"] == 0.65 and demo["pruned_layers"] == [1, 2, 3, 4]
+    assert demo["original_params"] == 1_705_600  # what the demo base really has (tests/README agree)
+    semi = json.loads(
+        loram("plan", str(REPO / "configs" / "demo.yaml"), "--strategy", "semi", "--json").stdout
+    )
+    assert semi["strategy"] == "semi" and semi["layers"][2]["intermediate"] == 384
