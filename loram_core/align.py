@@ -246,7 +246,7 @@ def train_causal_lm(
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
             batch = train_blocks[idx].to(device=device, dtype=torch.long)
             with autocast_context(cfg.precision, device):
-                loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
             loss.backward()
             step_loss += loss.item()
         if cfg.max_grad_norm is not None:
