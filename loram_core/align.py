@@ -26,6 +26,7 @@ from torch import nn
 from loram_core.config import AlignConfig
 from loram_core.distributed import Dist
 from loram_core.errors import LoramError
+from loram_core.models import set_activation_checkpointing
 from loram_core.optim import build_optimizer
 
 ProgressFn = Callable[[dict], None]
@@ -186,7 +187,7 @@ def train_causal_lm(
     if cfg.freeze_lm_head and hasattr(model, "lm_head"):
         model.lm_head.weight.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        set_activation_checkpointing(model, True)
     inner = model
     rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
     if world == 1:
@@ -284,5 +285,5 @@ def train_causal_lm(
             break
     model.eval()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     return result

@@ -187,6 +187,15 @@ def build_model(config: PretrainedConfig, device: str | torch.device = "cpu") ->
         return cls._from_config(config)
 
 
+def set_activation_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
+    """Recompute activations in backward (transformers 5 renamed gradient_ to activation_checkpointing)."""
+    verb = "enable" if enabled else "disable"
+    method = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(
+        model, f"gradient_checkpointing_{verb}"
+    )
+    method()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters as stored (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

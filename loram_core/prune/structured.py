@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loram_core.models import Family, layer_linears, set_layer_attributes
+from loram_core.models import Family, layer_linears, set_activation_checkpointing, set_layer_attributes
 
 
 def _gqa(config) -> tuple[int, int, int]:
@@ -172,7 +172,7 @@ def taylor_group_scores(
 
             hooks.append(p.register_hook(add_square))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        set_activation_checkpointing(model, True)
         model.train()  # transformers only checkpoints in training mode; dropout is 0 in these families
     device = model.get_input_embeddings().weight.device
     model.zero_grad(set_to_none=True)
@@ -185,7 +185,7 @@ def taylor_group_scores(
         for h in hooks:
             h.remove()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            set_activation_checkpointing(model, False)
             model.eval()
     scores = {}
     for i in layers:
