@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(json.loads(Path(args.config).read_text()), source=args.config).align
     info = distributed.setup()
     model = load_model(args.pruned).to(info.device)
-    masks = load_masks(Path(args.pruned) / "masks" / "masks.safetensors").sparse or None
+    masks = load_masks(Path(args.pruned) / "masks" / "masks.safetensors").keep_masks() or None
 
     def report(event: dict) -> None:
         if info.main:

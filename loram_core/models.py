@@ -34,6 +34,8 @@ class Family:
     gate: str = "mlp.gate_proj"
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
+    # Linears that read the same input tensor (their calibration statistics are computed once).
+    shared_inputs: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("gate", "up"))
 
 
 # LLaMA, Mistral and Qwen2 share the module layout (Qwen2 adds q/k/v biases, handled generically).

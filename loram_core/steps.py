@@ -152,7 +152,7 @@ def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progre
 
 def _sparse_masks(pruned_dir: str) -> dict[str, torch.Tensor] | None:
     masks = load_masks(Path(pruned_dir) / "masks" / "masks.safetensors")
-    return masks.sparse or None
+    return masks.keep_masks() or None
 
 
 def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Progress | None = None) -> str:

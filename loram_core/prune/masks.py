@@ -31,7 +31,17 @@ class Masks:
     strategy: str
     kept_channels: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int indices
     kept_kv_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> int indices
-    sparse: dict[str, torch.Tensor] = field(default_factory=dict)  # weight name -> bool [rows, cols]
+    # weight name -> (packed keep-bits uint8, (rows, cols)): packed as soon as a layer is pruned, so a
+    # streamed prune holds 1 bit per weight of the model, not a byte.
+    sparse: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+
+    def add_sparse(self, name: str, keep: torch.Tensor) -> None:
+        """Record a bool keep-mask `[rows, cols]` for the weight `name`."""
+        self.sparse[name] = (pack_mask(keep), (keep.shape[0], keep.shape[1]))
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """Every sparse keep-mask unpacked to bool `[rows, cols]` (what alignment re-applies)."""
+        return {name: unpack_mask(bits, shape) for name, (bits, shape) in self.sparse.items()}
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -52,9 +62,9 @@ def save_masks(masks: Masks, path: str | Path) -> None:
         tensors[f"model.layers.{i}.mlp.kept_channels"] = idx.to(torch.int32).contiguous()
     for i, idx in masks.kept_kv_heads.items():
         tensors[f"model.layers.{i}.self_attn.kept_kv_heads"] = idx.to(torch.int32).contiguous()
-    for name, mask in masks.sparse.items():
-        tensors[name] = pack_mask(mask)
-        meta[name] = f"{mask.shape[0]},{mask.shape[1]}"
+    for name, (bits, (rows, cols)) in masks.sparse.items():
+        tensors[name] = bits
+        meta[name] = f"{rows},{cols}"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
 
@@ -78,5 +88,5 @@ def load_masks(path: str | Path) -> Masks:
                 masks.kept_kv_heads[layer] = t
             else:
                 rows, cols = (int(x) for x in meta[name].split(","))
-                masks.sparse[name] = unpack_mask(t, (rows, cols))
+                masks.sparse[name] = (t, (rows, cols))
     return masks

@@ -56,17 +56,26 @@ def wanda(
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after damping; raises the damping until H is positive definite."""
-    diag_mean = hessian.diagonal().mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    """Upper Cholesky factor of H^-1 after damping; raises the damping until H is positive definite.
+
+    `hessian` is damped in place (the caller passes its own copy): with intermediate sizes of tens
+    of thousands, every extra `cols x cols` copy costs gigabytes, so at most three exist at once.
+    """
+    diag = hessian.diagonal()
+    mean = diag.mean().item()
+    added = 0.0
     for attempt in range(6):
         fraction = damp * 10**attempt
-        try:
-            lower = torch.linalg.cholesky(hessian + fraction * diag_mean * eye)
-            inv = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inv, upper=True)
-        except torch.linalg.LinAlgError:
+        diag.add_(fraction * mean - added)
+        added = fraction * mean
+        lower, info = torch.linalg.cholesky_ex(hessian)
+        if info.item() != 0:
             continue
+        inv = torch.cholesky_inverse(lower)
+        del lower
+        upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+        if info.item() == 0:
+            return upper
     raise LoramError(
         f"the calibration Hessian is not positive definite even with damping {damp * 10**5:g} x its mean "
         "diagonal: the calibration data is too small or degenerate for this layer. Raise "
@@ -108,6 +117,7 @@ def sparsegpt(
     H[dead, dead] = 1
     W[:, dead] = 0
     hinv = _inverse_cholesky(H, damp)
+    del H
     pruned = torch.zeros_like(W, dtype=torch.bool)
     if n_m is not None and blocksize % n_m[1]:
         blocksize = n_m[1] * max(1, blocksize // n_m[1])

@@ -58,9 +58,9 @@ def test_sparsegpt_raises_damping_for_a_singular_hessian_and_reports_hopeless_on
 def test_packed_masks_round_trip_and_read_without_our_code(tmp_path) -> None:
     mask = torch.rand(13, 7) > 0.5  # 91 bits: not a multiple of 8
     assert torch.equal(unpack_mask(pack_mask(mask), (13, 7)), mask)
-    save_masks(
-        Masks(strategy="unstructured", sparse={"model.layers.0.mlp.up_proj.weight": mask}), tmp_path / "m.st"
-    )
+    masks = Masks(strategy="unstructured")
+    masks.add_sparse("model.layers.0.mlp.up_proj.weight", mask)
+    save_masks(masks, tmp_path / "m.st")
     # A consumer needs only safetensors + numpy: the metadata gives the shape.
     from safetensors import safe_open
 
@@ -71,7 +71,7 @@ def test_packed_masks_round_trip_and_read_without_our_code(tmp_path) -> None:
     bits = np.unpackbits(raw, bitorder="little", count=rows * cols).reshape(rows, cols)
     assert meta["format"] == "loram-masks" and meta["version"] == "1" and meta["strategy"] == "unstructured"
     assert raw.dtype == np.uint8 and np.array_equal(bits.astype(bool), mask.numpy())
-    assert torch.equal(load_masks(tmp_path / "m.st").sparse["model.layers.0.mlp.up_proj.weight"], mask)
+    assert torch.equal(load_masks(tmp_path / "m.st").keep_masks()["model.layers.0.mlp.up_proj.weight"], mask)
 
 
 def test_mask_file_from_elsewhere_is_refused(tmp_path) -> None:
