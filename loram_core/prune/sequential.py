@@ -218,11 +218,13 @@ def _hessians(
 
 
 def _solve(
-    weight: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig
+    weight: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig, owned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_m = tuple(cfg.n_m) if cfg.strategy == "semi" else None
     if cfg.sparse_method == "sparsegpt":
-        return sparsegpt(weight, hessian, cfg.ratio, n_m, damp=cfg.damp, blocksize=cfg.blocksize)
+        return sparsegpt(
+            weight, hessian, cfg.ratio, n_m, damp=cfg.damp, blocksize=cfg.blocksize, overwrite_hessian=owned
+        )
     if cfg.sparse_method == "wanda":
         return wanda(weight, hessian, cfg.ratio, n_m)
     return magnitude(weight, cfg.ratio, n_m)
@@ -254,7 +256,10 @@ def prune_sparse(
             shared = tuple(tuple(getattr(family, n) for n in group) for group in family.shared_inputs)
             hessians = _hessians(layer, linears, inputs, shared)
             for path, lin in linears.items():
-                new_w, keep = _solve(lin.weight.data, hessians.pop(path), cfg)
+                hessian = hessians.pop(path)
+                owned = all(h is not hessian for h in hessians.values())  # no other linear still needs it
+                new_w, keep = _solve(lin.weight.data, hessian, cfg, owned)
+                del hessian
                 lin.weight.data.copy_(new_w)
                 masks.add_sparse(f"{family.layers}.{i}.{path}.weight", keep)
         # The next layer is calibrated on what this (pruned) layer now outputs.

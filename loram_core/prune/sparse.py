@@ -91,6 +91,7 @@ def sparsegpt(
     n_m: tuple[int, int] | None = None,
     damp: float = 0.01,
     blocksize: int = 128,
+    overwrite_hessian: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune and update the remaining weights with OBS.
 
@@ -106,12 +107,15 @@ def sparsegpt(
         n_m: (n, m) pruning n of every m consecutive weights of a row.
         damp: added to the diagonal as a fraction of its mean.
         blocksize: columns per lazy-update block (a multiple of m for n:m).
+        overwrite_hessian: damp and factor `hessian` in place instead of a copy (one `cols x cols`
+            buffer less; the caller must not use it afterwards).
 
     Returns:
         (pruned weight, bool keep-mask), both `[rows, cols]`.
     """
     W = weight.detach().clone().float()
-    H = hessian.detach().clone().float()
+    owned = overwrite_hessian and hessian.dtype == torch.float32
+    H = hessian.detach() if owned else hessian.detach().clone().float()
     rows, cols = W.shape
     dead = H.diagonal() == 0  # inputs that are always zero: their weights are free to prune
     H[dead, dead] = 1

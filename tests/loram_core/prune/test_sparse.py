@@ -80,3 +80,13 @@ def test_mask_file_from_elsewhere_is_refused(tmp_path) -> None:
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.st"))
     with pytest.raises(LoramError, match="not a loram-masks v1 file"):
         load_masks(tmp_path / "x.st")
+
+
+def test_sparsegpt_in_place_hessian_gives_the_same_result() -> None:
+    w, _, h = _layer_problem(3)
+    h_before = h.clone()
+    copy_w, copy_keep = sparsegpt(w, h, 0.5)
+    assert torch.equal(h, h_before)  # the default leaves the caller's Hessian alone
+    owned_w, owned_keep = sparsegpt(w, h.clone(), 0.5, overwrite_hessian=True)
+    assert torch.equal(copy_keep, owned_keep)
+    torch.testing.assert_close(copy_w, owned_w, rtol=0, atol=0)
