@@ -81,9 +81,9 @@ def preflight(cfg: PipelineConfig) -> None:
     cfg.prune.layer_range(num_layers)
     if cfg.corpus.paths != "demo":
         resolve_files(cfg.corpus, cfg.base.cache_dir)
-    from loram_core.storage import _fs
+    from loram_core.storage import bucket_fs
 
-    _fs(cfg.publish.uri)
+    bucket_fs(cfg.publish.uri)
 
 
 def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:

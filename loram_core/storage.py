@@ -7,17 +7,16 @@ again is a no-op; different content under an existing version is refused.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from loram_core.errors import IntegrityError, LoramError
 from loram_core.manifest import Manifest, safe_relative, sha256_file
 
 
-def _fs(uri: str):
+def bucket_fs(uri: str):
+    """(filesystem, root path) of a bucket URI; a `LoramError` naming the URI if it cannot be opened."""
     try:
         return url_to_fs(uri)
     except (ImportError, ValueError) as err:
@@ -39,7 +38,7 @@ def publish_version(staging: Path, manifest: Manifest, uri: str) -> str:
     Raises:
         LoramError: the version exists with different content.
     """
-    fs, root = _fs(uri)
+    fs, root = bucket_fs(uri)
     version_root = _join(root, manifest.name, manifest.version)
     manifest_path = _join(version_root, "manifest.json")
     if fs.exists(manifest_path):
@@ -82,7 +81,7 @@ def _move_latest(fs, root: str, manifest: Manifest) -> None:
 
 def resolve_version(uri: str) -> tuple[str, Manifest]:
     """A version URI, or a name URI meaning the version its `LATEST` names -> (version URI, manifest)."""
-    fs, path = _fs(uri)
+    fs, path = bucket_fs(uri)
     path = path.rstrip("/")
     if not fs.exists(_join(path, "manifest.json")):
         latest = _join(path, "LATEST")
@@ -109,7 +108,7 @@ def verify_version(uri: str) -> Manifest:
         IntegrityError: listing the files that are missing, of the wrong size or hash, or unsafe.
     """
     version_uri, manifest = resolve_version(uri)
-    fs, root = _fs(version_uri)
+    fs, root = bucket_fs(version_uri)
     problems = []
     for entry in manifest.files:
         target = _join(root, safe_relative(entry.path))
@@ -122,12 +121,3 @@ def verify_version(uri: str) -> Manifest:
     if problems:
         raise IntegrityError(f"{version_uri} fails verification: " + "; ".join(problems) + ".")
     return manifest
-
-
-def read_text(uri: str) -> str:
-    with fsspec.open(uri, "r") as fh:
-        return fh.read()
-
-
-def manifest_summary(manifest: Manifest) -> dict:
-    return json.loads(manifest.model_dump_json())
