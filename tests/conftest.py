@@ -78,3 +78,13 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def bare_manifest(staging: Path, name: str = "m", version: str = "v1"):
+    """A manifest listing every file under `staging`, with empty settings: for storage tests."""
+    from loram_core.manifest import Manifest, list_files
+
+    empty: dict = {}
+    return Manifest(name=name, version=version, created_at="2026-01-01T00:00:00+00:00", base=empty, corpus=empty,
+                    prune=empty, align=empty, quantize=empty, params=empty, metrics=empty,
+                    files=list_files(staging), code_version="test")  # fmt: skip

@@ -47,26 +47,13 @@ def test_plan_json_reproduces_the_13b_figure() -> None:
 
 
 def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
-    from loram_core.manifest import Manifest, list_files
     from loram_core.storage import publish_version
+    from tests.conftest import bare_manifest
 
     staging = tmp_path / "s"
     (staging / "model").mkdir(parents=True)
     (staging / "model" / "w.safetensors").write_bytes(b"1234")
-    m = Manifest(
-        name="n",
-        version="v",
-        created_at="t",
-        base={},
-        corpus={},
-        prune={},
-        align={},
-        quantize={},
-        params={},
-        metrics={},
-        files=list_files(staging),
-        code_version="x",
-    )
+    m = bare_manifest(staging, name="n", version="v")
     publish_version(staging, m, f"file://{tmp_path}/b")
     ok = loram("inspect", f"file://{tmp_path}/b/n")
     assert ok.returncode == 0 and json.loads(ok.stdout)["version"] == "v"

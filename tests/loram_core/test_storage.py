@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 
 from loram_core.errors import IntegrityError, LoramError
-from loram_core.manifest import Manifest, list_files, safe_relative
+from loram_core.manifest import Manifest, safe_relative
 from loram_core.storage import publish_version, resolve_version, verify_version
+from tests.conftest import bare_manifest
 
 
 def _staged(tmp_path: Path, payload: bytes = b"weights", version: str = "v1") -> tuple[Path, Manifest]:
@@ -15,20 +16,7 @@ def _staged(tmp_path: Path, payload: bytes = b"weights", version: str = "v1") ->
     (staging / "masks").mkdir()
     (staging / "masks" / "masks.safetensors").write_bytes(b"masks")
     (staging / "README.md").write_text("# card\n")
-    m = Manifest(
-        name="m",
-        version=version,
-        created_at="2026-01-01T00:00:00+00:00",
-        base={},
-        corpus={},
-        prune={},
-        align={},
-        quantize={},
-        params={},
-        metrics={},
-        files=list_files(staging),
-        code_version="test",
-    )
+    m = bare_manifest(staging, version=version)
     return staging, m
 
 
