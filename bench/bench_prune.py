@@ -678,9 +678,8 @@ def main() -> None:
         ],
         ["peak RSS minus the warm baseline", above(peak, warm)],
         [
-            "of which the bool keep-masks `prune_sparse` holds for every layer until it returns",
-            f"{build.get('linear_params', 0) / 2**20:,.0f} MiB at the end (1 byte per pruned weight; "
-            "packed they would be 1 bit)",
+            "of which the packed keep-masks `prune_sparse` holds for every layer until it returns",
+            f"{build.get('linear_params', 0) / 8 / 2**20:,.0f} MiB at the end (1 bit per pruned weight)",
         ],
         [
             "Done-when: peak RSS <= half the checkpoint",
@@ -761,13 +760,12 @@ def main() -> None:
         f"{prep['calib_shape'][0]} blocks as above. The import baseline is what the process holds before "
         "any work; the warm baseline adds what running the same kernels once costs (library pages, "
         "allocator arenas), so *peak minus warm baseline* is closest to the data the streaming really "
-        "keeps: the embeddings and head, one decoder layer, the calibration activations entering and "
-        "leaving it, and the solver's transients, the largest of which is the down_proj Hessian "
-        "(intermediate² fp32) with the copies `_hessians` and `_inverse_cholesky` make of it, plus the "
-        "bool keep-masks of every layer pruned so far: those are the one part that grows with the model "
-        "(a quarter of an fp32 checkpoint's size), so peak RSS creeps up layer by layer. Much of the rest "
-        "is glibc heap fragmentation: with `MALLOC_MMAP_THRESHOLD_=65536` the same run peaked about 65 "
-        "MiB lower.",
+        "keeps: one decoder layer (the embeddings and head are resident only while the calibration "
+        "inputs are captured), the calibration activations entering it (each batch's output replaces its "
+        "input), one forward batch's transients, the layer's Hessians (q/k/v and gate/up share one each; "
+        "the largest is down_proj's, intermediate² fp32, which SparseGPT damps, factors and inverts in its "
+        "own memory) and the weight being pruned, updated in place. The packed keep-masks of the layers "
+        "pruned so far are the one part that grows with the model (1/32 of an fp32 checkpoint).",
         "",
     ]
     if peer_base and peer_base.get("rss_prune_mib"):

@@ -115,8 +115,8 @@ def stream_layers(
 ) -> PretrainedConfig:
     """Rewrite a checkpoint one decoder layer at a time.
 
-    The embeddings, final norm and head are loaded (and `prepare(model)` may run them, e.g. to
-    capture calibration inputs); then each layer is read from the memory-mapped safetensors,
+    `prepare(model)` may first run the embeddings, final norm and head (e.g. to capture the
+    calibration inputs); then each layer is read from the memory-mapped safetensors,
     passed to `process_layer(i, layer)` (which may prune or resize it in place), written to its
     own shard and dropped. Returns the base config (the caller records what it did in it).
     """
@@ -128,12 +128,14 @@ def stream_layers(
     # Rotary frequencies are buffers not stored in checkpoints: build them for real.
     with torch.device("cpu"):
         model.model.rotary_emb = type(rotary)(config=config)
-    rest = reader.read(family.layers + ".", exclude=True)
-    model.load_state_dict(rest, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    tied = getattr(config, "tie_word_embeddings", False)
     if prepare is not None:
+        # Only `prepare` uses the embeddings, norm and head: they are not resident while streaming.
+        model.load_state_dict(reader.read(family.layers + ".", exclude=True), strict=False, assign=True)
+        if tied:
+            model.tie_weights()
         prepare(model)
+        model.to("meta")
     n_layers = config.num_hidden_layers
     writer = ShardWriter(out_dir, n_layers + 1)
     with _heap_returns_memory() as trim:
@@ -146,10 +148,15 @@ def stream_layers(
             trim()
             if progress is not None:
                 progress("prune", i + 1, n_layers)
-    tied = getattr(config, "tie_word_embeddings", False)
+    rest = reader.read(family.layers + ".", exclude=True)
     writer.write(n_layers, {k: v for k, v in rest.items() if not (tied and k == "lm_head.weight")})
     writer.finish()
     return config
+
+
+# Calibration samples per forward pass through a layer: the MLP's intermediate activations of a
+# batch are among the largest transients of a streamed prune, and smaller batches cost little time.
+_CALIB_BATCH = 4
 
 
 class _Captured(Exception):
@@ -177,12 +184,12 @@ def _capture_layer_inputs(
     return captured
 
 
-def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    outs = []
-    for hidden, kwargs in inputs:
+def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], replace: bool = False) -> None:
+    """Run `layer` on every calibration batch; with `replace`, each batch's output takes its input's place."""
+    for j, (hidden, kwargs) in enumerate(inputs):
         out = layer(hidden, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+        if replace:
+            inputs[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
 
 
 def _hessians(
@@ -223,7 +230,14 @@ def _solve(
     n_m = tuple(cfg.n_m) if cfg.strategy == "semi" else None
     if cfg.sparse_method == "sparsegpt":
         return sparsegpt(
-            weight, hessian, cfg.ratio, n_m, damp=cfg.damp, blocksize=cfg.blocksize, overwrite_hessian=owned
+            weight,
+            hessian,
+            cfg.ratio,
+            n_m,
+            damp=cfg.damp,
+            blocksize=cfg.blocksize,
+            overwrite_hessian=owned,
+            overwrite_weight=True,
         )
     if cfg.sparse_method == "wanda":
         return wanda(weight, hessian, cfg.ratio, n_m)
@@ -245,7 +259,7 @@ def prune_sparse(
     state: dict = {}
 
     def capture(model: nn.Module) -> None:
-        state["inputs"] = _capture_layer_inputs(model, calib[: cfg.calib_samples], batch_size=8)
+        state["inputs"] = _capture_layer_inputs(model, calib[: cfg.calib_samples], _CALIB_BATCH)
         state["range"] = cfg.layer_range(model.config.num_hidden_layers)
 
     def process(i: int, layer: nn.Module) -> None:
@@ -263,7 +277,7 @@ def prune_sparse(
                 lin.weight.data.copy_(new_w)
                 masks.add_sparse(f"{family.layers}.{i}.{path}.weight", keep)
         # The next layer is calibrated on what this (pruned) layer now outputs.
-        state["inputs"] = [(out, kw) for out, (_, kw) in zip(_run_layer(layer, inputs), inputs, strict=True)]
+        _run_layer(layer, inputs, replace=True)
 
     config = stream_layers(base_dir, out_dir, process, prepare=capture, progress=progress)
     start, stop = state["range"]

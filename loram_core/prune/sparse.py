@@ -8,6 +8,10 @@ is removed.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Callable, Iterator
+
 import torch
 
 from loram_core.errors import LoramError
@@ -55,32 +59,57 @@ def wanda(
     return weight.masked_fill(pruned, 0), ~pruned
 
 
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after damping; raises the damping until H is positive definite.
+def _inverse_cholesky(hessian: torch.Tensor, damp: float, restore: Callable[[], None]) -> torch.Tensor:
+    """Upper Cholesky factor of `(H + damping)^-1`, computed in `hessian`'s own memory.
 
-    `hessian` is damped in place (the caller passes its own copy): with intermediate sizes of tens
-    of thousands, every extra `cols x cols` copy costs gigabytes, so at most three exist at once.
+    LAPACK works on column-major matrices; `hessian.mT` is one (H is symmetric, so it is the same
+    matrix), and torch then factors, inverts and factors again in place with no `cols x cols`
+    copy: with intermediate sizes of tens of thousands each copy costs gigabytes. The returned
+    factor is that column-major view. A failed factorization leaves `hessian` overwritten, so
+    `restore()` must put the undamped H back before the next attempt, with ten times the damping.
     """
-    diag = hessian.diagonal()
-    mean = diag.mean().item()
-    added = 0.0
+    lapack = hessian.mT
+    mean = lapack.diagonal().mean().item()
+    info = torch.zeros((), dtype=torch.int32)
     for attempt in range(6):
-        fraction = damp * 10**attempt
-        diag.add_(fraction * mean - added)
-        added = fraction * mean
-        lower, info = torch.linalg.cholesky_ex(hessian)
+        if attempt:
+            restore()
+        lapack.diagonal().add_(damp * 10**attempt * mean)
+        torch.linalg.cholesky_ex(lapack, out=(lapack, info))
         if info.item() != 0:
             continue
-        inv = torch.cholesky_inverse(lower)
-        del lower
-        upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+        torch.cholesky_inverse(lapack, out=lapack)
+        torch.linalg.cholesky_ex(lapack, upper=True, out=(lapack, info))
         if info.item() == 0:
-            return upper
+            return lapack
     raise LoramError(
         f"the calibration Hessian is not positive definite even with damping {damp * 10**5:g} x its mean "
         "diagonal: the calibration data is too small or degenerate for this layer. Raise "
         f"prune.calib_samples, or prune.damp (now {damp})."
     )
+
+
+@contextlib.contextmanager
+def _restorable(hessian: torch.Tensor, owned: bool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+    """The float32 matrix to factor, and a function that restores it after a failed attempt.
+
+    Not owned: a copy of the caller's Hessian, restored from it. Owned: the caller's own tensor,
+    restored from a copy spilled to an unlinked temporary file: the page cache holds it, not the
+    process, and it is read back only if a factorization fails.
+    """
+    if not owned:
+        work = hessian.detach().clone().float()
+        yield work, lambda: work.copy_(hessian)
+        return
+    work = hessian.detach()
+    with tempfile.TemporaryFile(prefix="loram-hessian-") as spill:
+        work.numpy().tofile(spill)
+
+        def restore() -> None:
+            spill.seek(0)
+            spill.readinto(memoryview(work.numpy()).cast("B"))
+
+        yield work, restore
 
 
 @torch.no_grad()
@@ -92,6 +121,7 @@ def sparsegpt(
     damp: float = 0.01,
     blocksize: int = 128,
     overwrite_hessian: bool = False,
+    overwrite_weight: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune and update the remaining weights with OBS.
 
@@ -107,20 +137,26 @@ def sparsegpt(
         n_m: (n, m) pruning n of every m consecutive weights of a row.
         damp: added to the diagonal as a fraction of its mean.
         blocksize: columns per lazy-update block (a multiple of m for n:m).
-        overwrite_hessian: damp and factor `hessian` in place instead of a copy (one `cols x cols`
-            buffer less; the caller must not use it afterwards).
+        overwrite_hessian: damp and factor `hessian` (float32, contiguous) in place instead of a
+            copy (one `cols x cols` buffer less; the caller must not use it afterwards).
+        overwrite_weight: prune a float32 `weight` in place (one `rows x cols` buffer less).
 
     Returns:
         (pruned weight, bool keep-mask), both `[rows, cols]`.
     """
-    W = weight.detach().clone().float()
-    owned = overwrite_hessian and hessian.dtype == torch.float32
-    H = hessian.detach() if owned else hessian.detach().clone().float()
+    W = weight.detach() if overwrite_weight and weight.dtype == torch.float32 else weight.detach().clone().float()
+    owned = overwrite_hessian and hessian.dtype == torch.float32 and hessian.is_contiguous()
     rows, cols = W.shape
-    dead = H.diagonal() == 0  # inputs that are always zero: their weights are free to prune
-    H[dead, dead] = 1
+    dead = hessian.diagonal() == 0  # inputs that are always zero: their weights are free to prune
     W[:, dead] = 0
-    hinv = _inverse_cholesky(H, damp)
+    with _restorable(hessian, owned) as (H, restore):
+
+        def restore_undamped() -> None:
+            restore()
+            H[dead, dead] = 1
+
+        H[dead, dead] = 1
+        hinv = _inverse_cholesky(H, damp, restore_undamped)  # a view of H's memory
     del H
     pruned = torch.zeros_like(W, dtype=torch.bool)
     if n_m is not None and blocksize % n_m[1]:
@@ -152,6 +188,6 @@ def sparsegpt(
             err1[:, i] = e
         W[:, i1:i2] = Q1
         pruned[:, i1:i2] = mask1
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # in place: no rows x cols temporary
     W[pruned] = 0
     return W.to(weight.dtype), ~pruned

@@ -49,10 +49,16 @@ def test_two_four_pattern_holds_in_every_group() -> None:
 def test_sparsegpt_raises_damping_for_a_singular_hessian_and_reports_hopeless_ones() -> None:
     w, x, _ = _layer_problem(2, n=16)  # rank 16 < 256: singular without damping
     h = 2 * x.T @ x / 16
-    w2, _ = sparsegpt(w, h, 0.5, damp=1e-7)
+    w2, keep2 = sparsegpt(w, h, 0.5, damp=1e-7)
     assert torch.isfinite(w2).all()
+    # Factored in place, a failed attempt overwrites the Hessian: it is restored from its spill.
+    w3, keep3 = sparsegpt(w, h.clone(), 0.5, damp=1e-7, overwrite_hessian=True)
+    assert torch.equal(keep2, keep3)
+    torch.testing.assert_close(w2, w3, rtol=0, atol=0)
     with pytest.raises(LoramError, match="not positive definite"):
         sparsegpt(w, -torch.eye(256), 0.5)
+    with pytest.raises(LoramError, match="not positive definite"):
+        sparsegpt(w, -torch.eye(256), 0.5, overwrite_hessian=True)
 
 
 def test_packed_masks_round_trip_and_read_without_our_code(tmp_path) -> None:
