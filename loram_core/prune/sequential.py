@@ -89,7 +89,7 @@ def _glibc():
 def _heap_returns_memory():
     """While streaming, give freed memory back to the OS (glibc only; a no-op elsewhere).
 
-    Each layer allocates and frees tens of MB (weights, Hessians, Cholesky factors). glibc keeps
+    Each layer allocates and frees tens of MB (weights, Hessians, activations). glibc keeps
     such blocks in its heap and raises its mmap threshold as it goes, so the resident size creeps
     up layer after layer although the live tensors stay the same size (measured: +250 MiB over 16
     layers of a 396 MiB checkpoint). Serving blocks of 1 MiB and more from mmap returns them on

@@ -88,11 +88,13 @@ def test_mask_file_from_elsewhere_is_refused(tmp_path) -> None:
         load_masks(tmp_path / "x.st")
 
 
-def test_sparsegpt_in_place_hessian_gives_the_same_result() -> None:
+def test_sparsegpt_in_place_hessian_and_weight_give_the_same_result() -> None:
     w, _, h = _layer_problem(3)
-    h_before = h.clone()
+    h_before, w_before = h.clone(), w.clone()
     copy_w, copy_keep = sparsegpt(w, h, 0.5)
-    assert torch.equal(h, h_before)  # the default leaves the caller's Hessian alone
-    owned_w, owned_keep = sparsegpt(w, h.clone(), 0.5, overwrite_hessian=True)
+    assert torch.equal(h, h_before) and torch.equal(w, w_before)  # by default the caller's are left alone
+    own = w.clone()
+    owned_w, owned_keep = sparsegpt(own, h.clone(), 0.5, overwrite_hessian=True, overwrite_weight=True)
+    assert owned_w.data_ptr() == own.data_ptr()  # pruned where it lies
     assert torch.equal(copy_keep, owned_keep)
     torch.testing.assert_close(copy_w, owned_w, rtol=0, atol=0)
