@@ -90,26 +90,36 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float, restore: Callable[[], 
 
 
 @contextlib.contextmanager
-def _restorable(hessian: torch.Tensor, owned: bool) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
+def _restorable(
+    hessian: torch.Tensor, owned: bool, dead: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, Callable[[], None]]]:
     """The float32 matrix to factor, and a function that restores it after a failed attempt.
 
-    Not owned: a copy of the caller's Hessian, restored from it. Owned: the caller's own tensor,
-    restored from a copy spilled to an unlinked temporary file: the page cache holds it, not the
-    process, and it is read back only if a factorization fails.
+    Both have 1 on the diagonal of `dead` inputs (always zero, so H is singular there). Not owned:
+    a copy of the caller's Hessian, restored from it. Owned: the caller's own tensor, restored from
+    a copy spilled to an unlinked temporary file: the page cache holds it, not the process, and it
+    is read back only if a factorization fails.
     """
     if not owned:
         work = hessian.detach().clone().float()
-        yield work, lambda: work.copy_(hessian)
+
+        def restore() -> None:
+            work.copy_(hessian)
+            work[dead, dead] = 1
+
+        work[dead, dead] = 1
+        yield work, restore
         return
     work = hessian.detach()
+    work[dead, dead] = 1
     with tempfile.TemporaryFile(prefix="loram-hessian-") as spill:
         work.numpy().tofile(spill)
 
-        def restore() -> None:
+        def restore_spilled() -> None:
             spill.seek(0)
             spill.readinto(memoryview(work.numpy()).cast("B"))
 
-        yield work, restore
+        yield work, restore_spilled
 
 
 @torch.no_grad()
@@ -144,19 +154,17 @@ def sparsegpt(
     Returns:
         (pruned weight, bool keep-mask), both `[rows, cols]`.
     """
-    W = weight.detach() if overwrite_weight and weight.dtype == torch.float32 else weight.detach().clone().float()
+    W = (
+        weight.detach()
+        if overwrite_weight and weight.dtype == torch.float32
+        else weight.detach().clone().float()
+    )
     owned = overwrite_hessian and hessian.dtype == torch.float32 and hessian.is_contiguous()
     rows, cols = W.shape
     dead = hessian.diagonal() == 0  # inputs that are always zero: their weights are free to prune
     W[:, dead] = 0
-    with _restorable(hessian, owned) as (H, restore):
-
-        def restore_undamped() -> None:
-            restore()
-            H[dead, dead] = 1
-
-        H[dead, dead] = 1
-        hinv = _inverse_cholesky(H, damp, restore_undamped)  # a view of H's memory
+    with _restorable(hessian, owned, dead) as (H, restore):
+        hinv = _inverse_cholesky(H, damp, restore)  # a view of H's memory
     del H
     pruned = torch.zeros_like(W, dtype=torch.bool)
     if n_m is not None and blocksize % n_m[1]:

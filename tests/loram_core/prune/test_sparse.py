@@ -98,3 +98,13 @@ def test_sparsegpt_in_place_hessian_and_weight_give_the_same_result() -> None:
     assert owned_w.data_ptr() == own.data_ptr()  # pruned where it lies
     assert torch.equal(copy_keep, owned_keep)
     torch.testing.assert_close(copy_w, owned_w, rtol=0, atol=0)
+
+
+def test_sparsegpt_prunes_weights_of_inputs_that_are_always_zero() -> None:
+    w, x, _ = _layer_problem(4)
+    x[:, [5, 17]] = 0  # dead inputs: H is singular on them however much it is damped
+    h = 2 * x.T @ x / x.shape[0]
+    w_s, keep = sparsegpt(w, h, 0.5)
+    assert torch.isfinite(w_s).all() and not keep[:, [5, 17]].any()
+    w_o, keep_o = sparsegpt(w.clone(), h.clone(), 0.5, overwrite_hessian=True, overwrite_weight=True)
+    assert torch.equal(keep, keep_o) and torch.equal(w_s, w_o)
