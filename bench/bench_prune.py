@@ -155,6 +155,7 @@ def child_ours(args) -> None:
         calib_samples=data["calib"].shape[0],
         damp=args.damp,
         blocksize=args.blocksize,
+        device_map=args.device_map,
     )
     times, rss_first = [], None
     for k in range(args.repeat):
@@ -216,7 +217,8 @@ def child_stream_build(args) -> None:
 
 
 def child_stream(args) -> None:
-    """Our streaming SparseGPT (unstructured 0.5, all layers) on the big checkpoint: no eval."""
+    """Our streamed prune of the big checkpoint, no eval: SparseGPT (unstructured 0.5, all layers)
+    or, with `--strategy structured`, Taylor param_first at ratio 0.5 (LoRAM's layers: keep 4 + 2)."""
     _import_ours()
     import time as _time
 
@@ -226,16 +228,21 @@ def child_stream(args) -> None:
     from loram_core.prune import prune_checkpoint
 
     calib = load_file(args.data)["calib"]
-    cfg = PruneConfig(
-        strategy="unstructured",
-        ratio=0.5,
-        sparse_method="sparsegpt",
-        keep_first=0,
-        keep_last=0,
-        calib_samples=calib.shape[0],
-        damp=args.damp,
-        blocksize=args.blocksize,
-    )
+    if args.strategy == "structured":
+        cfg = PruneConfig(
+            strategy="structured", ratio=0.5, importance="param_first", calib_samples=calib.shape[0]
+        )
+    else:
+        cfg = PruneConfig(
+            strategy="unstructured",
+            ratio=0.5,
+            sparse_method="sparsegpt",
+            keep_first=0,
+            keep_last=0,
+            calib_samples=calib.shape[0],
+            damp=args.damp,
+            blocksize=args.blocksize,
+        )
     c0, t0 = _cpu_s(), _time.perf_counter()
     prune_checkpoint(args.base, args.out, cfg, calib)
     _emit({"prune_s": _time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "rss_prune_mib": _maxrss_mib()})
@@ -365,6 +372,7 @@ def main() -> None:
         ("--out", None),
         ("--strategy", "unstructured"),
         ("--method", "sparsegpt"),
+        ("--device-map", None),
     ]:
         p.add_argument(name, default=default, help=argparse.SUPPRESS)
     for name, default in [("--ratio", 0.5), ("--damp", 0.01)]:
@@ -502,7 +510,16 @@ def main() -> None:
             ],
         )
         setting = "random" if strategy == "random" else "Taylor param_first"
-        struct_rows.append({**r, "contender": "ours", "setting": setting})
+        struct_rows.append(
+            {**r, "contender": "ours", "setting": setting + (" (streamed)" if strategy != "random" else "")}
+        )
+        if strategy == "structured":  # the whole-model backward, as with prune.device_map on GPUs
+            r = run(
+                "ours structured, whole model",
+                [*ours_py, "--child", "ours", *common, "--out", str(work / "ours-whole"), "--strategy", strategy,
+                 "--first", str(first), "--last", str(last), "--repeat", str(repeat), "--device-map", "cpu"],
+            )  # fmt: skip
+            struct_rows.append({**r, "contender": "ours", "setting": "Taylor param_first (whole model)"})
         if peer_py is None:
             continue
         variants = [("manual", "KV groups + MLP")]
@@ -561,7 +578,12 @@ def main() -> None:
             str(work / "stream-out"),
         ],
     )
-    for d in (ckpt, work / "stream-out", tiny, work / "tiny-out"):
+    taylor = run(
+        "ours streaming structured Taylor 0.5",
+        [*ours_py, "--child", "stream", "--strategy", "structured", "--base", str(ckpt), "--data", data,
+         "--out", str(work / "taylor-out")],
+    )  # fmt: skip
+    for d in (ckpt, work / "stream-out", work / "taylor-out", tiny, work / "tiny-out"):
         shutil.rmtree(d, ignore_errors=True)
     peer_base = None
     if peer_py is not None:
@@ -694,6 +716,25 @@ def main() -> None:
         ],
     ]
     table3 = table(["streaming (ours, SparseGPT 50% unstructured, all layers)", "value"], t3)
+    t_peak = taylor.get("rss_prune_mib")
+    scored = stream_layers - 6  # LoRAM's default: the first 4 and last 2 layers stay dense
+    spill_mib = (
+        (stream_layers - 4) * prep["calib_shape"][0] * prep["calib_shape"][1] * args.hidden * 4 / 2**20
+    )
+    t4 = [
+        ["pruning wall / CPU s (scores, then the cut)", f"{fmt(taylor.get('prune_s'))} / {fmt(taylor.get('cpu_s'))}"],
+        [
+            "peak RSS of the pruning process (absolute)",
+            f"{fmt(t_peak, ',.0f')} MiB = {ratio(t_peak, size_mib)} the checkpoint",
+        ],
+        ["peak RSS minus the import baseline", above(t_peak, baseline)],
+        [
+            "hidden states written to `$TMPDIR` (layer inputs from layer 4 up, read back and deleted in the backward)",
+            f"{spill_mib:,.0f} MiB at most",
+        ],
+        ["layers scored", f"{scored} (4..{stream_layers - 3})"],
+    ]  # fmt: skip
+    table4 = table(["streaming (ours, structured Taylor param_first, ratio 0.5)", "value"], t4)
 
     cfgd = prep["config"]
     lines = [
@@ -750,11 +791,17 @@ def main() -> None:
         "channels, and either leave the attention dense (*MLP only*) or remove whole KV-head groups with "
         "torch-pruning's `prune_linear_out/in_channels` at LLM-Pruner's group-Taylor choice (*KV groups + "
         "MLP*, the same widths as ours, so that row is the one compared). Random rows draw different "
-        "channels on each side, so their ppl ratio is not a like-for-like comparison.",
+        "channels on each side, so their ppl ratio is not a like-for-like comparison. Ours scores Taylor "
+        "streamed by default (one decoder layer resident, section 3), which costs a second forward pass "
+        "and a round trip of the hidden states through `$TMPDIR`: on a model this small that is slower "
+        "than a whole-model backward; `prune.device_map` gives the whole-model one (the *whole model* "
+        "row, run here with `device_map=cpu`), with the same scores.",
         "",
-        "## 3. Streaming memory (`prune_checkpoint`, strategy unstructured, SparseGPT)",
+        "## 3. Streaming memory (`prune_checkpoint` on a 16-layer checkpoint)",
         "",
         table3,
+        "",
+        table4,
         "",
         "The checkpoint is random-init (memory does not depend on the values); calibration is the same "
         f"{prep['calib_shape'][0]} blocks as above. The import baseline is what the process holds before "
@@ -766,6 +813,14 @@ def main() -> None:
         "the largest is down_proj's, intermediate² fp32, which SparseGPT damps, factors and inverts in its "
         "own memory) and the weight being pruned, updated in place. The packed keep-masks of the layers "
         "pruned so far are the one part that grows with the model (1/32 of an fp32 checkpoint).",
+        "",
+        "Structured Taylor needs the loss gradient through every layer above the ones it scores. Ours "
+        "streams that too (`taylor_group_scores_streamed`): a forward pass layer by layer writes each "
+        "layer's input hidden states to `$TMPDIR`; the backward pass reads the layers again from the "
+        "top, runs each on its saved inputs and backpropagates the gradient from the layer above, "
+        "turning its weights' gradients into group scores at once. Resident are one layer with its "
+        "linears' gradients and the hidden states and gradients at one layer boundary; the scores "
+        "equal a whole-model backward's (tested). The cut then streams like `random`.",
         "",
     ]
     if peer_base and peer_base.get("rss_prune_mib"):

@@ -113,10 +113,12 @@ class PruneConfig(_Section):
         "float32", description="Weights' dtype while pruning (and of the pruned checkpoint)."
     )
     device_map: str | None = Field(
-        None, description="accelerate placement for Taylor scoring, e.g. `auto` (GPUs, then CPU, then disk)."
+        None,
+        description="Taylor scoring on the whole model placed by accelerate (e.g. `auto` over several GPUs; "
+        "offloading to CPU or disk is refused). Unset: streamed, one decoder layer resident at a time.",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in Taylor's backward pass."
+        False, description="Recompute activations in the whole-model Taylor backward (with `device_map`)."
     )
     seed: int = 0
 

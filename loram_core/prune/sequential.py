@@ -86,7 +86,7 @@ def _glibc():
 
 
 @contextlib.contextmanager
-def _heap_returns_memory():
+def heap_returns_memory():
     """While streaming, give freed memory back to the OS (glibc only; a no-op elsewhere).
 
     Each layer allocates and frees tens of MB (weights, Hessians, activations). glibc keeps
@@ -106,64 +106,105 @@ def _heap_returns_memory():
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
+class StreamedModel:
+    """A model skeleton on the meta device whose weights are read from the checkpoint on demand.
+
+    The rotary frequencies (buffers no checkpoint stores) are built for real. `load_rest` and
+    `drop_rest` bring the embeddings, final norm and head in and out; `load_layer(i)` reads one
+    decoder layer from the memory-mapped safetensors and `drop_layer(i)` returns it to meta.
+    Tensors are cast to `dtype` when it is given.
+    """
+
+    def __init__(self, base_dir: Path, dtype: torch.dtype | None = None) -> None:
+        self.config = load_config(base_dir)
+        self.family = family_of(self.config)
+        self.reader = CheckpointReader(base_dir)
+        self.dtype = dtype
+        self.model = build_model(self.config, "meta")
+        rotary = self.model.model.rotary_emb
+        with torch.device("cpu"):
+            self.model.model.rotary_emb = type(rotary)(config=self.config)
+        self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        self.layers = decoder_layers(self.model)
+
+    def _read(self, prefix: str, exclude: bool = False) -> dict[str, torch.Tensor]:
+        tensors = self.reader.read(prefix, exclude)
+        return tensors if self.dtype is None else {k: v.to(self.dtype) for k, v in tensors.items()}
+
+    def rest(self) -> dict[str, torch.Tensor]:
+        """Every tensor outside the decoder layers, by checkpoint name."""
+        return self._read(self.family.layers + ".", exclude=True)
+
+    def load_rest(self) -> None:
+        self.model.load_state_dict(self.rest(), strict=False, assign=True)
+        if self.tied:
+            self.model.tie_weights()
+
+    def drop_rest(self) -> None:
+        # The rotary buffers go too: layers get their position embeddings from captured kwargs.
+        self.model.to("meta")
+
+    def load_layer(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        layer.load_state_dict(self._read(f"{self.family.layers}.{i}."), strict=True, assign=True)
+        return layer
+
+    def drop_layer(self, i: int) -> None:
+        self.layers[i].to("meta")  # its weights (and gradients) are freed
+
+
 def stream_layers(
     base_dir: Path,
     out_dir: Path,
     process_layer: Callable[[int, nn.Module], None],
     prepare: Callable[[nn.Module], None] | None = None,
     progress=None,
+    dtype: torch.dtype | None = None,
 ) -> PretrainedConfig:
     """Rewrite a checkpoint one decoder layer at a time.
 
     `prepare(model)` may first run the embeddings, final norm and head (e.g. to capture the
     calibration inputs); then each layer is read from the memory-mapped safetensors,
     passed to `process_layer(i, layer)` (which may prune or resize it in place), written to its
-    own shard and dropped. Returns the base config (the caller records what it did in it).
+    own shard and dropped; `dtype`, when given, is the checkpoint's new dtype. Returns the base
+    config (the caller records what it did in it).
     """
-    config = load_config(base_dir)
-    family = family_of(config)
-    reader = CheckpointReader(base_dir)
-    model = build_model(config, "meta")
-    rotary = model.model.rotary_emb
-    # Rotary frequencies are buffers not stored in checkpoints: build them for real.
-    with torch.device("cpu"):
-        model.model.rotary_emb = type(rotary)(config=config)
-    tied = getattr(config, "tie_word_embeddings", False)
+    stream = StreamedModel(base_dir, dtype)
     if prepare is not None:
         # Only `prepare` uses the embeddings, norm and head: they are not resident while streaming.
-        model.load_state_dict(reader.read(family.layers + ".", exclude=True), strict=False, assign=True)
-        if tied:
-            model.tie_weights()
-        prepare(model)
-        model.to("meta")
-    n_layers = config.num_hidden_layers
+        stream.load_rest()
+        prepare(stream.model)
+        stream.drop_rest()
+    n_layers = stream.config.num_hidden_layers
     writer = ShardWriter(out_dir, n_layers + 1)
-    with _heap_returns_memory() as trim:
-        for i, layer in enumerate(decoder_layers(model)):
-            prefix = f"{family.layers}.{i}."
-            layer.load_state_dict(reader.read(prefix), strict=True, assign=True)
+    with heap_returns_memory() as trim:
+        for i in range(n_layers):
+            layer = stream.load_layer(i)
             process_layer(i, layer)
+            prefix = f"{stream.family.layers}.{i}."
             writer.write(i, {prefix + k: v for k, v in layer.state_dict().items()})
-            layer.to("meta")  # drop the layer: only one is resident at a time
+            stream.drop_layer(i)  # only one layer is resident at a time
             trim()
             if progress is not None:
                 progress("prune", i + 1, n_layers)
-    rest = reader.read(family.layers + ".", exclude=True)
-    writer.write(n_layers, {k: v for k, v in rest.items() if not (tied and k == "lm_head.weight")})
+    rest = stream.rest()
+    writer.write(n_layers, {k: v for k, v in rest.items() if not (stream.tied and k == "lm_head.weight")})
     writer.finish()
-    return config
+    if dtype is not None:
+        stream.config.dtype = dtype
+    return stream.config
 
 
 # Calibration samples per forward pass through a layer: the MLP's intermediate activations of a
 # batch are among the largest transients of a streamed prune, and smaller batches cost little time.
-_CALIB_BATCH = 4
+CALIB_BATCH = 4
 
 
 class _Captured(Exception):
     pass
 
 
-def _capture_layer_inputs(
+def capture_layer_inputs(
     model: nn.Module, calib: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, dict]]:
     """Hidden states and keyword arguments (mask, rotary embeddings) entering decoder layer 0."""
@@ -259,7 +300,7 @@ def prune_sparse(
     state: dict = {}
 
     def capture(model: nn.Module) -> None:
-        state["inputs"] = _capture_layer_inputs(model, calib[: cfg.calib_samples], _CALIB_BATCH)
+        state["inputs"] = capture_layer_inputs(model, calib[: cfg.calib_samples], CALIB_BATCH)
         state["range"] = cfg.layer_range(model.config.num_hidden_layers)
 
     def process(i: int, layer: nn.Module) -> None:
@@ -279,7 +320,9 @@ def prune_sparse(
         # The next layer is calibrated on what this (pruned) layer now outputs.
         _run_layer(layer, inputs, replace=True)
 
-    config = stream_layers(base_dir, out_dir, process, prepare=capture, progress=progress)
+    config = stream_layers(
+        base_dir, out_dir, process, prepare=capture, progress=progress, dtype=getattr(torch, cfg.dtype)
+    )
     start, stop = state["range"]
     config.loram = {
         "strategy": cfg.strategy,

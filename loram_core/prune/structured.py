@@ -11,7 +11,11 @@ Two ways to choose what stays: `random` (seeded, LoRAM-Rand) and first-order Tay
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loram_core.models import Family, layer_linears, set_activation_checkpointing, set_layer_attributes
@@ -127,6 +131,28 @@ def apply_structured(
     )
 
 
+def _square_hooks(params: list[nn.Parameter], grad_sq: dict[int, torch.Tensor]) -> list:
+    """Hooks summing each batch's own squared gradient (before accumulation) into `grad_sq`."""
+    hooks = []
+    for p in params:
+
+        def add_square(g: torch.Tensor, key: int = id(p)) -> None:
+            grad_sq[key] = grad_sq.get(key, 0) + g.detach().float() ** 2
+
+        hooks.append(p.register_hook(add_square))
+    return hooks
+
+
+def _layer_scores(layer: nn.Module, family: Family, config, grad_sq: dict, estimator: str):
+    """Group scores of one decoder layer from its linears' accumulated `.grad`."""
+    sal = {}
+    for name, module in layer_linears(layer, family).items():
+        for kind, p in (("", module.weight), ("_bias", module.bias)):
+            if p is not None:
+                sal[name + kind] = salience(p.detach(), p.grad, grad_sq.get(id(p)), estimator)
+    return group_scores(sal, config)
+
+
 def taylor_group_scores(
     model: nn.Module,
     layers: range,
@@ -140,8 +166,8 @@ def taylor_group_scores(
     Memory beyond the weights: one gradient per scored linear (accumulated in place by autograd
     over the batches, as LLM-Pruner's single large backward would) and, for the second-order
     estimators, one running sum of squared batch gradients. Nothing else in the model gets a
-    gradient. The model may be dispatched over several devices or offloaded with accelerate's
-    `device_map`; inputs go to the device of the embeddings.
+    gradient. The model may be dispatched over several devices with accelerate's `device_map`
+    (not offloaded: see `prune_structured`); inputs go to the device of the embeddings.
 
     Args:
         model: the original model (the loss is the plain next-token loss).
@@ -163,14 +189,7 @@ def taylor_group_scores(
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)  # no gradient (or its memory) for what is not scored
     grad_sq: dict[int, torch.Tensor] = {}
-    hooks = []
-    if estimator in ("param_second", "param_mix"):
-        for p in scored:  # the hook sees each batch's own gradient, before accumulation
-
-            def add_square(g: torch.Tensor, key: int = id(p)) -> None:
-                grad_sq[key] = grad_sq.get(key, 0) + g.detach().float() ** 2
-
-            hooks.append(p.register_hook(add_square))
+    hooks = _square_hooks(scored, grad_sq) if estimator in ("param_second", "param_mix") else []
     if gradient_checkpointing:
         set_activation_checkpointing(model, True)
         model.train()  # transformers only checkpoints in training mode; dropout is 0 in these families
@@ -187,84 +206,190 @@ def taylor_group_scores(
         if gradient_checkpointing:
             set_activation_checkpointing(model, False)
             model.eval()
-    scores = {}
-    for i in layers:
-        sal = {}
-        for name, module in layer_linears(decoder_layers(model)[i], family).items():
-            for kind, p in (("", module.weight), ("_bias", module.bias)):
-                if p is not None:
-                    sal[name + kind] = salience(p.detach(), p.grad, grad_sq.get(id(p)), estimator)
-        scores[i] = group_scores(sal, model.config)
+    scores = {
+        i: _layer_scores(decoder_layers(model)[i], family, model.config, grad_sq, estimator) for i in layers
+    }
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
         p.requires_grad_(previous[id(p)])
     return scores
 
 
-def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None):
-    """`random` and `structured` strategies: choose kept groups, cut the layers, save.
+def _hidden(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
-    `random` streams the checkpoint one layer at a time (it only needs shapes); `structured` loads
-    the whole model, because Taylor importance needs the loss gradient through every layer.
+
+def taylor_group_scores_streamed(
+    base_dir: Path,
+    layers: range,
+    calib: torch.Tensor,
+    estimator: str,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4,
+    progress=None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The scores of `taylor_group_scores`, with one decoder layer resident at a time.
+
+    The forward pass runs layer by layer, writing the input hidden states of every layer from
+    `layers.start` up to a temporary directory; the head's loss gives the gradient at the last
+    layer's output. The backward pass then runs from the last layer down to `layers.start`: each
+    layer is read again, run on its saved inputs and backpropagated with the gradient from the
+    layer above. The gradient w.r.t. its input goes on down; its weights' gradients, accumulated
+    over the batches as in a whole-model backward, become group scores and are freed at once.
+
+    Resident: one layer and its linears' gradients, one batch's activations, and the hidden
+    states and gradients of all calibration blocks at one layer boundary. On disk (`$TMPDIR`):
+    `(L - layers.start) x blocks x seq_len x hidden` values. Compute: two forward passes and
+    one backward, as with gradient checkpointing.
     """
-    from loram_core.models import decoder_layers, family_of, load_model
-    from loram_core.prune.masks import Masks
-    from loram_core.prune.plan import pruned_layer_widths, structured_config
+    from safetensors.torch import load_file, save_file
 
-    if cfg.strategy == "random":
-        return _prune_random_streamed(base_dir, out_dir, cfg, progress)
+    from loram_core.prune.sequential import StreamedModel, capture_layer_inputs, heap_returns_memory
 
-    # Taylor needs a backward through the whole model: accelerate may place (or offload) it.
-    placement = {"device_map": cfg.device_map} if cfg.device_map else {}
-    model = load_model(base_dir, dtype=getattr(torch, cfg.dtype), **placement)
-    config = model.config
-    family = family_of(config)
-    start, stop = cfg.layer_range(config.num_hidden_layers)
-    target = pruned_layer_widths(config, cfg.ratio)
-    layers = range(start, stop)
-    scores = taylor_group_scores(
-        model,
-        layers,
-        calib[: cfg.calib_samples],
-        cfg.importance,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-    )
-    masks = Masks(strategy=cfg.strategy)
-    for n, i in enumerate(layers):
-        channels = top_keep(scores[i][0], target["intermediate"])
-        heads = top_keep(scores[i][1], target["kv_heads"])
-        with torch.no_grad():
-            apply_structured(decoder_layers(model)[i], family, config, channels, heads)
-        masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
+    stream = StreamedModel(base_dir, dtype)
+    config, family = stream.config, stream.family
+    n_layers = config.num_hidden_layers
+    total = 2 * n_layers - layers.start
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
         if progress is not None:
-            progress("prune", n + 1, len(layers))
-    model.config = structured_config(config, cfg)
-    model.save_pretrained(out_dir)
-    return masks
+            progress("taylor", done, total)
+
+    ids = [calib[s : s + batch_size].long() for s in range(0, calib.shape[0], batch_size)]
+    stream.load_rest()
+    captured = capture_layer_inputs(stream.model, calib, batch_size)
+    kwargs = [kw for _, kw in captured]
+    hidden = [h for h, _ in captured]
+    del captured
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="loram-taylor-") as spill, heap_returns_memory() as trim:
+
+        def saved(i: int) -> Path:
+            return Path(spill) / f"{i}.safetensors"
+
+        with torch.no_grad():
+            for i in range(n_layers):
+                if i >= layers.start:
+                    save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, str(saved(i)))
+                layer = stream.load_layer(i)
+                hidden = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+                stream.drop_layer(i)
+                trim()
+                tick()
+        grads = []
+        for h, x in zip(hidden, ids, strict=True):
+            h = h.detach().requires_grad_()
+            logits = stream.model.lm_head(stream.model.model.norm(h)).float()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+            # Weighted by the batch's share: the gradients sum to those of the mean over all blocks.
+            (loss * x.shape[0] / calib.shape[0]).backward()
+            grads.append(h.grad)
+        del hidden, h, logits, loss
+        stream.drop_rest()
+        for i in reversed(range(layers.start, n_layers)):
+            layer = stream.load_layer(i)
+            scored = (
+                [p for lin in layer_linears(layer, family).values() for p in lin.parameters()]
+                if i in layers
+                else []
+            )
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            for p in scored:
+                p.requires_grad_(True)
+            grad_sq: dict[int, torch.Tensor] = {}
+            hooks = _square_hooks(scored, grad_sq) if estimator in ("param_second", "param_mix") else []
+            inputs = load_file(str(saved(i)))
+            saved(i).unlink()
+            below = i > layers.start  # the lowest scored layer passes no gradient down
+            for b, (kw, g) in enumerate(zip(kwargs, grads, strict=True)):
+                x = inputs.pop(str(b)).requires_grad_(below)
+                torch.autograd.backward(_hidden(layer(x, **kw)), g)
+                grads[b] = x.grad
+                del x
+            for hook in hooks:
+                hook.remove()
+            if i in layers:
+                scores[i] = _layer_scores(layer, family, config, grad_sq, estimator)
+            stream.drop_layer(i)
+            trim()
+            tick()
+    return scores
 
 
-@torch.no_grad()
-def _prune_random_streamed(base_dir, out_dir, cfg, progress=None):
-    from loram_core.models import family_of, load_config
+def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None):
+    """`random` and `structured` strategies: choose the kept groups, then cut the layers, streamed.
+
+    `random` needs only shapes. `structured` scores with Taylor importance: streamed one layer at
+    a time by default (`taylor_group_scores_streamed`), or, with `prune.device_map`, on the whole
+    model placed by accelerate (several GPUs). Either way the cut streams the checkpoint.
+    """
+    from loram_core.models import load_config
     from loram_core.prune.masks import Masks
     from loram_core.prune.plan import pruned_layer_widths, structured_config
-    from loram_core.prune.sequential import stream_layers
 
     config = load_config(base_dir)
-    family = family_of(config)
     start, stop = cfg.layer_range(config.num_hidden_layers)
     target = pruned_layer_widths(config, cfg.ratio)
     kv, _, _ = _gqa(config)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    layers = range(start, stop)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.strategy == "random":
+        generator = torch.Generator().manual_seed(cfg.seed)
+        kept = {
+            i: (random_keep(config.intermediate_size, target["intermediate"], generator),
+                random_keep(kv, target["kv_heads"], generator))
+            for i in layers
+        }  # fmt: skip
+    else:
+        calib = calib[: cfg.calib_samples]
+        if cfg.device_map:
+            scores = _whole_model_scores(base_dir, layers, calib, cfg, dtype)
+        else:
+            scores = taylor_group_scores_streamed(
+                base_dir, layers, calib, cfg.importance, dtype, progress=progress
+            )
+        kept = {
+            i: (top_keep(scores[i][0], target["intermediate"]), top_keep(scores[i][1], target["kv_heads"]))
+            for i in layers
+        }
     masks = Masks(strategy=cfg.strategy)
+    for i, (channels, heads) in kept.items():
+        masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
+    written = _cut_streamed(base_dir, out_dir, config, kept, dtype, progress)
+    structured_config(written, cfg).save_pretrained(out_dir)
+    return masks
+
+
+def _whole_model_scores(base_dir, layers: range, calib: torch.Tensor, cfg, dtype: torch.dtype):
+    from loram_core.errors import ConfigError
+    from loram_core.models import load_model
+
+    model = load_model(base_dir, dtype=dtype, device_map=cfg.device_map)
+    if any(p.device.type == "meta" for p in model.parameters()):  # accelerate's offloaded weights
+        raise ConfigError(
+            f"prune.device_map={cfg.device_map!r} offloads part of the model to CPU or disk, where "
+            "accelerate drops the weights' gradients, so Taylor scores cannot be computed there. Leave "
+            "prune.device_map unset to score one layer at a time (streamed, no whole-model memory), or "
+            "give it devices that hold the whole model."
+        )
+    return taylor_group_scores(
+        model, layers, calib, cfg.importance, gradient_checkpointing=cfg.gradient_checkpointing
+    )
+
+
+def _cut_streamed(base_dir, out_dir, config, kept: dict, dtype: torch.dtype, progress=None):
+    """Write the checkpoint with `kept[i] = (channels, kv_heads)` of layer `i`, one layer at a time."""
+    from loram_core.models import family_of
+    from loram_core.prune.sequential import stream_layers
+
+    family = family_of(config)
 
     def process(i: int, layer: nn.Module) -> None:
-        if start <= i < stop:  # the same draws, in the same order, as selecting on a loaded model
-            channels = random_keep(config.intermediate_size, target["intermediate"], generator)
-            heads = random_keep(kv, target["kv_heads"], generator)
-            apply_structured(layer, family, config, channels, heads)
-            masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
+        if i in kept:
+            apply_structured(layer, family, config, *kept[i])
 
-    stream_layers(base_dir, out_dir, process, progress=progress)
-    structured_config(config, cfg).save_pretrained(out_dir)
-    return masks
+    return stream_layers(base_dir, out_dir, process, progress=progress, dtype=dtype)

@@ -121,3 +121,46 @@ def test_taylor_scores_are_the_same_with_gradient_checkpointing(estimator: str) 
     model = tiny_model()
     taylor_group_scores(model, range(0, 2), calib, estimator)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # leaves the model as found
+
+
+@pytest.mark.parametrize(
+    ("family", "estimator", "overrides"),
+    [
+        ("llama", "param_first", {}),
+        ("llama", "vector", {}),
+        ("qwen2", "param_second", {"tie_word_embeddings": True}),  # q/k/v biases, tied head
+        ("llama", "param_mix", {"num_key_value_heads": 4}),  # plain multi-head
+    ],
+)
+def test_streamed_taylor_scores_equal_the_whole_model_backward(tmp_path, family, estimator, overrides) -> None:
+    from loram_core.prune.structured import taylor_group_scores, taylor_group_scores_streamed
+
+    model = tiny_model(family, num_hidden_layers=4, **overrides)
+    model.save_pretrained(tmp_path / "base")
+    calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    whole = taylor_group_scores(model, range(1, 3), calib, estimator, batch_size=4)
+    events = []
+    streamed = taylor_group_scores_streamed(
+        tmp_path / "base", range(1, 3), calib, estimator, batch_size=4, progress=lambda *e: events.append(e)
+    )
+    assert sorted(streamed) == [1, 2]
+    for i in (1, 2):
+        torch.testing.assert_close(streamed[i][0], whole[i][0], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(streamed[i][1], whole[i][1], rtol=1e-4, atol=1e-9)
+    assert events[-1] == ("taylor", 7, 7)  # 4 layers forward, layers 3..1 backward
+
+
+def test_structured_prune_is_the_same_streamed_or_whole_and_refuses_offloaded_scoring(tiny_checkpoint, tmp_path) -> None:
+    from loram_core.errors import ConfigError
+
+    cfg = PruneConfig(strategy="structured", ratio=0.5, keep_first=1, keep_last=1, calib_samples=4)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    streamed = prune_checkpoint(tiny_checkpoint, tmp_path / "s", cfg, calib)
+    whole = prune_checkpoint(tiny_checkpoint, tmp_path / "w", cfg.model_copy(update={"device_map": "cpu"}), calib)
+    for i in (1, 2):
+        assert torch.equal(streamed.kept_channels[i], whole.kept_channels[i])
+        assert torch.equal(streamed.kept_kv_heads[i], whole.kept_kv_heads[i])
+    offload = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    offload.update({f"model.layers.{i}": "disk" if i == 2 else "cpu" for i in range(4)})
+    with pytest.raises(ConfigError, match="offloads part of the model"):
+        prune_checkpoint(tiny_checkpoint, tmp_path / "o", cfg.model_copy(update={"device_map": offload}), calib)
