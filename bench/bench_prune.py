@@ -490,36 +490,17 @@ def main() -> None:
     struct_rows: list[dict] = []
     first, last = 1, 1  # configs/demo.yaml's range: the paper's 4/2 assume deep models
     for strategy in ("random", "structured"):
-        r = run(
-            f"ours {strategy}",
-            [
-                *ours_py,
-                "--child",
-                "ours",
-                *common,
-                "--out",
-                str(work / f"ours-{strategy}"),
-                "--strategy",
-                strategy,
-                "--first",
-                str(first),
-                "--last",
-                str(last),
-                "--repeat",
-                str(repeat),
-            ],
-        )
         setting = "random" if strategy == "random" else "Taylor param_first"
-        struct_rows.append(
-            {**r, "contender": "ours", "setting": setting + (" (streamed)" if strategy != "random" else "")}
-        )
-        if strategy == "structured":  # the whole-model backward, as with prune.device_map on GPUs
+        ours_variants = [("", [])]
+        if strategy == "structured":  # streamed (default) and whole-model (prune.device_map) backward
+            ours_variants = [(" (streamed)", []), (" (whole model)", ["--device-map", "cpu"])]
+        for k, (suffix, extra) in enumerate(ours_variants):
             r = run(
-                "ours structured, whole model",
-                [*ours_py, "--child", "ours", *common, "--out", str(work / "ours-whole"), "--strategy", strategy,
-                 "--first", str(first), "--last", str(last), "--repeat", str(repeat), "--device-map", "cpu"],
+                f"ours {strategy}{suffix}",
+                [*ours_py, "--child", "ours", *common, "--out", str(work / f"ours-{strategy}-{k}"), "--strategy",
+                 strategy, "--first", str(first), "--last", str(last), "--repeat", str(repeat), *extra],
             )  # fmt: skip
-            struct_rows.append({**r, "contender": "ours", "setting": "Taylor param_first (whole model)"})
+            struct_rows.append({**r, "contender": "ours", "setting": setting + suffix})
         if peer_py is None:
             continue
         variants = [("manual", "KV groups + MLP")]
