@@ -58,7 +58,8 @@ def run(
         def listen(name: str, done: int, total: int, event: dict) -> None:
             if name not in bars:
                 bars[name] = bar.add_task(name, total=total, info="")
-            info = f"loss {event['loss']:.3f}" if "loss" in event else ""
+            what = event.get("what", name)  # the phase within a step (e.g. taylor, then prune)
+            info = f"loss {event['loss']:.3f}" if "loss" in event else ("" if what == name else what)
             bar.update(bars[name], completed=done, total=total, info=info)
 
         _progress.LISTENERS.append(listen)

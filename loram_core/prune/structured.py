@@ -337,6 +337,7 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
     kv, _, _ = _gqa(config)
     layers = range(start, stop)
     dtype = getattr(torch, cfg.dtype)
+    scoring = 0  # progress steps before the cut (streamed Taylor's)
     if cfg.strategy == "random":
         generator = torch.Generator().manual_seed(cfg.seed)
         kept = {
@@ -349,8 +350,9 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
         if cfg.device_map:
             scores = _whole_model_scores(base_dir, layers, calib, cfg, dtype)
         else:
+            scoring = 2 * config.num_hidden_layers - start  # layers forward, then backward down to `start`
             scores = taylor_group_scores_streamed(
-                base_dir, layers, calib, cfg.importance, dtype, progress=progress
+                base_dir, layers, calib, cfg.importance, dtype, progress=_offset(progress, 0, scoring, config)
             )
         kept = {
             i: (top_keep(scores[i][0], target["intermediate"]), top_keep(scores[i][1], target["kv_heads"]))
@@ -359,9 +361,18 @@ def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None)
     masks = Masks(strategy=cfg.strategy)
     for i, (channels, heads) in kept.items():
         masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
-    written = _cut_streamed(base_dir, out_dir, config, kept, dtype, progress)
+    cut_progress = _offset(progress, scoring, scoring, config) if scoring else progress
+    written = _cut_streamed(base_dir, out_dir, config, kept, dtype, cut_progress)
     structured_config(written, cfg).save_pretrained(out_dir)
     return masks
+
+
+def _offset(progress, before: int, scoring: int, config):
+    """One phase's progress as steps of the whole prune: `scoring` steps, then one per layer cut."""
+    if progress is None:
+        return None
+    total = scoring + config.num_hidden_layers
+    return lambda what, done, _total: progress(what, before + done, total)
 
 
 def _whole_model_scores(base_dir, layers: range, calib: torch.Tensor, cfg, dtype: torch.dtype):

@@ -155,7 +155,11 @@ def test_structured_prune_is_the_same_streamed_or_whole_and_refuses_offloaded_sc
 
     cfg = PruneConfig(strategy="structured", ratio=0.5, keep_first=1, keep_last=1, calib_samples=4)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    streamed = prune_checkpoint(tiny_checkpoint, tmp_path / "s", cfg, calib)
+    events = []
+    streamed = prune_checkpoint(tiny_checkpoint, tmp_path / "s", cfg, calib, lambda *e: events.append(e))
+    # One progress for the whole prune: 4 layers forward + 3 backward scored, then 4 cut.
+    assert [done for _, done, _ in events] == list(range(1, 12)) and {t for *_, t in events} == {11}
+    assert events[6][0] == "taylor" and events[-1] == ("prune", 11, 11)
     whole = prune_checkpoint(tiny_checkpoint, tmp_path / "w", cfg.model_copy(update={"device_map": "cpu"}), calib)
     for i in (1, 2):
         assert torch.equal(streamed.kept_channels[i], whole.kept_channels[i])
