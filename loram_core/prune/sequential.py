@@ -200,6 +200,11 @@ def stream_layers(
 CALIB_BATCH = 4
 
 
+def layer_output(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 class _Captured(Exception):
     pass
 
@@ -230,7 +235,7 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], replac
     for j, (hidden, kwargs) in enumerate(inputs):
         out = layer(hidden, **kwargs)
         if replace:
-            inputs[j] = (out[0] if isinstance(out, tuple) else out, kwargs)
+            inputs[j] = (layer_output(out), kwargs)
 
 
 def _hessians(

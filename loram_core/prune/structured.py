@@ -215,10 +215,6 @@ def taylor_group_scores(
     return scores
 
 
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 def taylor_group_scores_streamed(
     base_dir: Path,
     layers: range,
@@ -244,7 +240,12 @@ def taylor_group_scores_streamed(
     """
     from safetensors.torch import load_file, save_file
 
-    from loram_core.prune.sequential import StreamedModel, capture_layer_inputs, heap_returns_memory
+    from loram_core.prune.sequential import (
+        StreamedModel,
+        capture_layer_inputs,
+        heap_returns_memory,
+        layer_output,
+    )
 
     stream = StreamedModel(base_dir, dtype)
     config, family = stream.config, stream.family
@@ -275,7 +276,7 @@ def taylor_group_scores_streamed(
                 if i >= layers.start:
                     save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, str(saved(i)))
                 layer = stream.load_layer(i)
-                hidden = [_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
                 stream.drop_layer(i)
                 trim()
                 tick()
@@ -307,7 +308,7 @@ def taylor_group_scores_streamed(
             below = i > layers.start  # the lowest scored layer passes no gradient down
             for b, (kw, g) in enumerate(zip(kwargs, grads, strict=True)):
                 x = inputs.pop(str(b)).requires_grad_(below)
-                torch.autograd.backward(_hidden(layer(x, **kw)), g)
+                torch.autograd.backward(layer_output(layer(x, **kw)), g)
                 grads[b] = x.grad
                 del x
             for hook in hooks:
