@@ -154,7 +154,7 @@ def plan(
     if as_json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
         return
-    table = Table(title=f"{strategy} at {ratio}")
+    table = Table(title=f"{prune_cfg.strategy} at {prune_cfg.ratio}")
     for col in ("layer", "heads", "kv heads", "intermediate"):
         table.add_column(col, justify="right")
     for i, w in enumerate(p.layers):

@@ -357,11 +357,12 @@ def train_log(aligned_dir: str) -> dict:
 
 
 def _train_log(aligned_dir: str) -> dict:
+    """The alignment facts the manifest records (final loss, tokens, throughput); {} when it did not run."""
     data = train_log(aligned_dir)
     if not data["losses"]:
         return {}
     return {
-        "final_loss": data["losses"][-1][1] if data["losses"] else None,
+        "final_loss": data["losses"][-1][1],
         "tokens_seen": data["tokens"],
         "tokens_per_s": round(data["tokens_per_s"], 1),
     }

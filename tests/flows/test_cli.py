@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "llama-2-13b.config.json"
+FIXTURE = REPO / "tests" / "fixtures" / "llama-2-13b.config.json"
 
 
 def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -70,3 +70,11 @@ def test_plan_of_a_pipeline_config_uses_its_prune_section_and_options_override()
         loram("plan", str(REPO / "configs" / "demo.yaml"), "--strategy", "semi", "--json").stdout
     )
     assert semi["strategy"] == "semi" and semi["layers"][2]["intermediate"] == 384
+
+
+def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
+    demo = loram("plan", str(REPO / "configs" / "demo.yaml"))
+    assert demo.returncode == 0, demo.stderr
+    assert "random at 0.65" in demo.stdout and "None" not in demo.stdout
+    model = loram("plan", str(FIXTURE))  # a model: unset options default to structured at 0.5
+    assert "structured at 0.5" in model.stdout and "None" not in model.stdout

@@ -5,7 +5,7 @@ from loram_core.config import PruneConfig
 from loram_core.prune.plan import plan, pruned_layer_widths, read_model_config
 from tests.conftest import tiny_config
 
-FIXTURE = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / "llama-2-13b.config.json"
+FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "llama-2-13b.config.json"
 
 
 def test_llama2_13b_structured_065_matches_the_paper() -> None:
