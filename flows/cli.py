@@ -181,6 +181,50 @@ def _base_model_config(pipeline):
                        num_key_value_heads=d.num_key_value_heads, tie_word_embeddings=False)  # fmt: skip
 
 
+@app.command()
+def recover(
+    base: Annotated[str, typer.Option(help="published version (dir or file://, s3:// URI) or pruned checkpoint with masks/")],
+    adapter: Annotated[Path, typer.Option(help="peft LoRA adapter trained on the base")],
+    out: Annotated[Path, typer.Option(help="directory to write the recovered adapter (or merged model) into")],
+    mode: Annotated[str, typer.Option(help="auto | zeroA | normA (structured) | dense | mask | complement (sparse)")] = "auto",
+    original: Annotated[Optional[str], typer.Option(help="original checkpoint dir (or hub id): named in the adapter, used for shapes; mask/complement merge into it")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option(help="seed of normA's draws")] = 0,
+    dtype: Annotated[str, typer.Option(help="merged checkpoint dtype (mask, complement)")] = "bfloat16",
+) -> None:
+    """Recover a LoRA adapter trained on a pruned base for the original model."""
+    from loram_core.recover import recover as run_recover
+
+    modes = ("auto", "zeroA", "normA", "dense", "mask", "complement")
+    try:
+        if mode not in modes:
+            raise LoramError(f"--mode {mode!r} is not one of {', '.join(modes)}.")
+        result = run_recover(base, adapter, out, mode=mode, original=original, seed=seed, dtype=dtype)  # type: ignore[arg-type]
+    except LoramError as err:
+        _fail(err)
+    what = "merged model" if result.merged else "peft adapter"
+    console.print(
+        f"[green]recovered[/] ({result.mode}) {len(result.grown)} pruned and {len(result.unchanged)} unchanged "
+        f"modules -> {what} at {result.out_dir} for {result.base_model}"
+    )
+
+
+@app.command()
+def merge(
+    original: Annotated[Path, typer.Option(help="original checkpoint dir (16/32-bit or bitsandbytes NF4)")],
+    adapter: Annotated[Path, typer.Option(help="peft LoRA adapter for the original (e.g. from `loram recover`)")],
+    out: Annotated[Path, typer.Option(help="directory to write the merged checkpoint into")],
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+) -> None:
+    """Merge a LoRA adapter into the original model's weights (an NF4 model is dequantized first)."""
+    from loram_core.recover import merge as run_merge
+
+    try:
+        merged = run_merge(original, adapter, out, dtype=dtype)
+    except LoramError as err:
+        _fail(err)
+    console.print(f"[green]merged[/] {len(merged)} modules into {out} ({dtype})")
+
+
 def main() -> None:
     app()
 
