@@ -178,7 +178,7 @@ def check_against(adapter: Adapter, model: nn.Module, what: str, fix: str) -> No
     for key, tensor in adapter.tensors.items():
         place = parse_key(key)
         if place is None:
-            name = _param_name(key)
+            name = param_name(key)
             if name not in params:
                 raise LoramError(f"{source}: key {key!r} names no parameter of {what}. {fix}")
             expected = tuple(params[name].shape)
@@ -206,7 +206,7 @@ def check_against(adapter: Adapter, model: nn.Module, what: str, fix: str) -> No
             )
 
 
-def _param_name(key: str) -> str:
+def param_name(key: str) -> str:
     """The model parameter a full tensor of an adapter file stands for."""
     name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
     parts = [p for p in name.split(".") if p != "base_layer"]

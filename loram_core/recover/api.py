@@ -11,7 +11,15 @@ import torch
 
 from loram_core.errors import LoramError
 from loram_core.models import build_model, family_of
-from loram_core.recover.adapter import Adapter, check_against, read_adapter, write_adapter
+from loram_core.recover.adapter import (
+    WEIGHTS_FILE,
+    Adapter,
+    check_against,
+    param_name,
+    parse_key,
+    read_adapter,
+    write_adapter,
+)
 from loram_core.recover.base import original_config, original_name, read_base
 from loram_core.recover.merge import merge_adapter, save_merged
 from loram_core.recover.structured import grow_cols, grow_rows, kept_indices
@@ -28,8 +36,10 @@ class Recovered:
     out_dir: Path
     mode: str
     base_model: str  # the recovered adapter's base_model_name_or_path
-    grown: list[str] = field(default_factory=list)  # modules whose factors were grown to the original widths
-    unchanged: list[str] = field(default_factory=list)  # modules passed through (not pruned)
+    # Modules of the pruned layers: factors grown to the original widths (structured), or delta
+    # masked and merged (sparse `mask` / `complement`).
+    grown: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # modules passed through (or merged unmasked)
     merged: bool = False  # True: `out_dir` is a merged model checkpoint, not an adapter
 
 
@@ -91,6 +101,7 @@ def recover(
     recovered.config["base_model_name_or_path"] = name
     if pruned.structured:
         kept = kept_indices(pruned.masks, config, pruned.config, family_of(config), pruned.where)
+        _refuse_full_weights_of_pruned_modules(lora, kept)
         generator = torch.Generator().manual_seed(seed)
         full = build_model(config, "meta")
         for module, keys in lora.lora_modules().items():
@@ -116,6 +127,16 @@ def recover(
     return result
 
 
+def _refuse_full_weights_of_pruned_modules(lora: Adapter, kept: dict) -> None:
+    for key in lora.tensors:
+        if parse_key(key) is None and param_name(key).rpartition(".")[0] in kept:
+            raise LoramError(
+                f"{lora.path / WEIGHTS_FILE}: {key!r} is a full weight of a pruned module (modules_to_save); "
+                "the rows or columns pruning removed were never trained, so it has no original-shaped "
+                "counterpart. Train the adapter without modules_to_save on the pruned layers' linears."
+            )
+
+
 def _merge_masked(
     pruned, lora: Adapter, config, name: str, original, out: Path, mode: str, dtype: str
 ) -> Recovered:
@@ -134,8 +155,8 @@ def _merge_masked(
             return None
         return m if mode == "mask" else ~m
 
-    model = load_model(original, dtype=getattr(torch, dtype))
-    merged = merge_adapter(model, lora, getattr(torch, dtype), factor)
+    model = load_model(original, dtype=_dtype(dtype))
+    merged = merge_adapter(model, lora, _dtype(dtype), factor)
     save_merged(model, out, original)
     return Recovered(out, mode, name, grown=[m for m in merged if f"{m}.weight" in keep],
                      unchanged=[m for m in merged if f"{m}.weight" not in keep], merged=True)  # fmt: skip
@@ -162,8 +183,7 @@ def merge(original: str | Path, adapter: str | Path, out: str | Path, dtype: str
     """
     from loram_core.models import load_config, load_model
 
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise LoramError(f"dtype {dtype!r} is not one of bfloat16, float16, float32.")
+    torch_dtype = _dtype(dtype)
     lora = read_adapter(adapter)
     config = load_config(original)
     if getattr(config, "loram", None):
@@ -176,7 +196,13 @@ def merge(original: str | Path, adapter: str | Path, out: str | Path, dtype: str
         delattr(plain, "quantization_config")
     check_against(lora, build_model(plain, "meta"), f"the model at {str(original)!r}",
                   "Pass --adapter an adapter for this model (recover one trained on a pruned base first).")  # fmt: skip
-    model = load_model(original, dtype=getattr(torch, dtype))
-    merged = merge_adapter(model, lora, getattr(torch, dtype))
+    model = load_model(original, dtype=torch_dtype)
+    merged = merge_adapter(model, lora, torch_dtype)
     save_merged(model, out, original)
     return merged
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in ("bfloat16", "float16", "float32"):
+        raise LoramError(f"dtype {name!r} is not one of bfloat16, float16, float32.")
+    return getattr(torch, name)

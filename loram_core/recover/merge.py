@@ -61,6 +61,9 @@ def merge_adapter(
 ) -> list[str]:
     """Add every LoRA delta of `adapter` to `model`'s weights in place; 4-bit linears become 16-bit.
 
+    Full weights in the adapter file (`modules_to_save`, the embedding copies peft saves) replace
+    the model's first, as loading the adapter in peft would.
+
     Args:
         model: the original model (16-bit, 32-bit or bitsandbytes 4-bit).
         dtype: the dtype of the dequantized linears (others keep theirs).
@@ -70,7 +73,7 @@ def merge_adapter(
     Returns:
         The names of the merged modules.
     """
-    from loram_core.recover.adapter import parse_key
+    from loram_core.recover.adapter import param_name, parse_key
 
     merged = []
     embeddings = {parse_key(k).module for k in adapter.tensors if parse_key(k) and parse_key(k).embedding}
@@ -79,6 +82,11 @@ def merge_adapter(
         if new is not None:
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, new)
+    params = dict(model.named_parameters())
+    for key, tensor in adapter.tensors.items():  # full weights (modules_to_save, peft's embedding copies)
+        if parse_key(key) is None:
+            target = params[param_name(key)]
+            target.data.copy_(tensor.to(target.dtype))
     for name, keys in adapter.lora_modules().items():
         module = model.get_submodule(name)
         delta = lora_delta(adapter, name, keys, name in embeddings)

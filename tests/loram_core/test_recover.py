@@ -95,7 +95,7 @@ def test_recovered_adapter_loads_in_peft_on_the_original_and_merge_equals_peft_m
     _adapter(
         pruned,
         tmp_path / "small",
-        target_modules=[*TARGETS, "lm_head"],
+        target_modules=[*TARGETS, "lm_head", "embed_tokens"],
         rank_pattern={"layers.2.mlp.down_proj": 2},
     )
     recover(pruned, tmp_path / "small", tmp_path / "rec", original=original)
@@ -109,11 +109,29 @@ def test_recovered_adapter_loads_in_peft_on_the_original_and_merge_equals_peft_m
     assert peft_model.base_model.model.model.layers[2].mlp.down_proj.lora_A["again"].weight.shape == (2, 128)
     reference = peft_model.merge_and_unload(adapter_names=["default"]).state_dict()
     merged = merge(original, tmp_path / "rec", tmp_path / "merged", dtype="float32")
-    assert len(merged) == 4 * 7 + 1
+    assert len(merged) == 4 * 7 + 2
     ours = load_model(tmp_path / "merged").state_dict()
     for name, w in reference.items():
         torch.testing.assert_close(ours[name], w, rtol=1e-6, atol=1e-6)
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_lora_bias_rows_are_zero_filled_and_merged_like_peft(tmp_path) -> None:
+    original, pruned = _pruned_base(tmp_path, family="qwen2")
+    _adapter(pruned, tmp_path / "small", target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    recover(pruned, tmp_path / "small", tmp_path / "rec", original=original)
+    small = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    rec = load_file(tmp_path / "rec" / "adapter_model.safetensors")
+    kv = load_file(pruned / "masks" / "masks.safetensors")["model.layers.2.self_attn.kept_kv_heads"].long()
+    key = f"{PREFIX}.2.self_attn.k_proj.lora_B.bias"
+    assert rec[key].shape == (32,) and torch.equal(rec[key][kept_query_rows(kv, 1, 16)], small[key])
+    assert torch.all(rec[key][~_keep(kept_query_rows(kv, 1, 16), 32)] == 0)
+    peft_model = PeftModel.from_pretrained(load_model(original), tmp_path / "rec")
+    reference = peft_model.merge_and_unload().state_dict()
+    merge(original, tmp_path / "rec", tmp_path / "merged", dtype="float32")
+    ours = load_model(tmp_path / "merged").state_dict()
+    for name in ("model.layers.2.self_attn.k_proj.bias", "model.layers.1.self_attn.q_proj.weight"):
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-6, atol=1e-6)
 
 
 def test_norm_fill_draws_pruned_columns_of_a_from_n_0_1_over_r_and_is_seeded(tmp_path) -> None:
@@ -254,6 +272,13 @@ def test_bad_inputs_are_refused_naming_the_file_the_key_and_the_fix(tmp_path) ->
         tmp_path / "deep", lambda t: t.update({f"{PREFIX}.9.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)})
     )
     refused(r"model\.layers\.9\.mlp\.up_proj", tmp_path / "deep")
+    # A full weight (modules_to_save) of a pruned module.
+    shutil.copytree(tmp_path / "small", tmp_path / "saved")
+    _rewrite(tmp_path / "saved", lambda t: t.update({f"{PREFIX}.1.mlp.up_proj.weight": torch.zeros(64, 64)}))
+    refused(
+        r"'base_model\.model\.model\.layers\.1\.mlp\.up_proj\.weight' is a full weight of a pruned module",
+        tmp_path / "saved",
+    )
     # Missing masks, missing files, the wrong mode, an original that is not the base's.
     shutil.copytree(pruned, tmp_path / "nomasks", ignore=shutil.ignore_patterns("masks"))
     refused(r"has no masks/masks\.safetensors.*Pass the published version", base=tmp_path / "nomasks")
