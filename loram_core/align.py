@@ -26,6 +26,7 @@ from torch import nn
 from loram_core.config import AlignConfig
 from loram_core.distributed import Dist
 from loram_core.errors import LoramError
+from loram_core.loss import causal_lm_loss
 from loram_core.models import set_activation_checkpointing
 from loram_core.optim import build_optimizer
 
@@ -34,11 +35,15 @@ ProgressFn = Callable[[dict], None]
 
 @dataclass
 class TrainResult:
+    """What a training run did: loss history, tokens, time, and (on a known GPU) MFU."""
+
     steps: int
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    flops_per_token: float = 0.0  # training FLOPs per token (see loram_core.loss.training_flops_per_token)
+    mfu: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -46,7 +51,8 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return {"losses": self.losses, "tokens": self.tokens, "seconds": self.seconds,
-                "tokens_per_s": self.tokens_per_second, "resumed_from": self.resumed_from}  # fmt: skip
+                "tokens_per_s": self.tokens_per_second, "resumed_from": self.resumed_from,
+                "flops_per_token": self.flops_per_token, "mfu": self.mfu}  # fmt: skip
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -167,13 +173,17 @@ def train_causal_lm(
 ) -> TrainResult:
     """Train `model` in place on `train_blocks` with the next-token loss.
 
+    On a GPU: bf16 autocast (`precision: auto`), fused AdamW, the attention kernel transformers
+    picks (SDPA), the loss in chunks so the vocabulary logits never all exist at once, optional
+    `torch.compile` of each decoder layer, and micro-batches sized to free memory on request.
+
     Args:
         model: a transformers causal LM (plain or pruned), on the device to train on.
-        train_blocks: int32 `[n_blocks, seq_len]` token blocks.
+        train_blocks: int32 `[n_blocks, seq_len]` token blocks (packed: no padding).
         cfg: steps, batch, optimizer, schedule, precision, checkpoint rhythm.
         checkpoint_dir: where checkpoints go; an existing one there is resumed from.
         masks: parameter name -> keep-mask (sparse strategies); re-applied after every step.
-        progress: called with a dict (step, total, loss, lr, tokens_per_s) every `log_every` steps.
+        progress: called with a dict (step, total, loss, lr, tokens_per_s, mfu) every `log_every` steps.
         stop_after: stop (after checkpointing) once this step is reached; for tests of resumption.
         dist_info: this process's place under `torchrun`; the model is wrapped with DDP or FSDP2
             (`cfg.parallel`) and each rank trains on its slice of every global batch. Checkpoints
@@ -184,81 +194,29 @@ def train_causal_lm(
         The loss history and throughput.
     """
     device = next(model.parameters()).device
-    if cfg.freeze_lm_head and hasattr(model, "lm_head"):
-        model.lm_head.weight.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        set_activation_checkpointing(model, True)
-    inner = model
-    rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
-    if world == 1:
-        dist_info = None
-    else:
-        from loram_core.distributed import wrap
-        from loram_core.models import decoder_layers
-
-        if cfg.parallel == "fsdp" and (masks or cfg.optimizer != "adamw"):
-            raise LoramError(
-                "align.parallel=fsdp shards every weight; sparse masks and FLoRA need whole matrices. "
-                "Use align.parallel=ddp for sparse strategies or align.optimizer=flora."
-            )
-        model = wrap(model, cfg.parallel, decoder_layers(model))  # DDP: `inner` stays the module
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        cfg.optimizer,
-        params,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        flora_rank=cfg.flora_rank,
-        flora_kappa=cfg.flora_kappa,
-        seed=cfg.seed,
-    )
-    schedule = cosine_with_warmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    result = TrainResult(steps=cfg.steps)
-    start_step = 0
+    run = _prepare(model, cfg, dist_info, device, train_blocks.shape[1], masked=bool(masks))
+    if masks:
+        masks = {name: m.to(device) for name, m in masks.items()}  # once, not at every step
     ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
-    found = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-    if found is not None:
-        state = torch.load(found / "state.pt", weights_only=True)
-        if dist_info is None:
-            load_model(model, str(found / "model.safetensors"), device=str(device))
-            optimizer.load_state_dict(state["optimizer"])
-        else:
-            from loram_core.distributed import load_full_state
-
-            load_full_state(model, optimizer, load_file(str(found / "model.safetensors")), state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        meta = json.loads((found / "trainer.json").read_text())
-        start_step = meta["step"]
-        result.losses = [tuple(x) for x in meta["losses"]]
-        result.tokens, result.seconds, result.resumed_from = meta["tokens"], meta["seconds"], start_step
-
+    result = TrainResult(steps=cfg.steps, flops_per_token=run.flops_per_token)
+    start_step = _resume(ckpt_dir, run, result, device)
+    micro = _micro_batch_size(run, cfg, train_blocks, device)
+    model = run.model
     model.train()
     n_blocks, seq_len = train_blocks.shape
-    per_step = cfg.batch_size * cfg.grad_accum * world  # samples per optimizer step, all ranks
+    per_step = cfg.batch_size * cfg.grad_accum * run.world  # samples per optimizer step, all ranks
     window: list[float] = []
     t0 = time.perf_counter()
     seconds_before = result.seconds
     for step in range(start_step, cfg.steps):
         step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            first = step * per_step + (micro * world + rank) * cfg.batch_size  # this rank's slice
+        for accum in range(cfg.grad_accum):
+            first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
-            batch = train_blocks[idx].to(device=device, dtype=torch.long)
-            with autocast_context(cfg.precision, device):
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss / cfg.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if masks:
-            apply_masks(inner, masks)
+            step_loss += _forward_backward(run, train_blocks[idx], micro, device) / cfg.grad_accum
+        _optimizer_step(run, cfg, masks)
         result.tokens += per_step * seq_len
-        if dist_info is not None:
+        if run.dist_info is not None:
             from loram_core.distributed import mean_over_ranks
 
             step_loss = mean_over_ranks(step_loss)
@@ -269,21 +227,184 @@ def train_causal_lm(
             result.losses.append((done, sum(window) / len(window)))
             window.clear()
             if progress is not None:
-                progress(
-                    {
-                        "step": done,
-                        "total": cfg.steps,
-                        "loss": result.losses[-1][1],
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": result.tokens_per_second,
-                    }
-                )
+                progress(_progress_event(run, result, done))
         stopping = stop_after is not None and done >= stop_after
         if ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
-            _save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, result, dist_info)
+            _save_checkpoint(ckpt_dir, model, run.optimizer, run.scheduler, done, result, run.dist_info)
         if stopping:
             break
+    result.mfu = _mfu(result, run)
     model.eval()
     if cfg.gradient_checkpointing:
-        set_activation_checkpointing(model, False)
+        set_activation_checkpointing(run.inner, False)
     return result
+
+
+@dataclass
+class _Run:
+    """What the loop works with: the (wrapped) model, its optimizer and schedule, this rank's place."""
+
+    model: nn.Module
+    inner: nn.Module  # the unwrapped model (DDP keeps the module inside; FSDP2 shards in place)
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dist_info: Dist | None
+    rank: int
+    world: int
+    chunk_tokens: int | None
+    precision: str
+    flops_per_token: float
+    peak_flops: float | None
+
+
+def _prepare(
+    model: nn.Module,
+    cfg: AlignConfig,
+    dist_info: Dist | None,
+    device: torch.device,
+    seq_len: int,
+    masked: bool,
+) -> _Run:
+    """Freeze the head if asked, wrap for several processes, compile, build optimizer and schedule."""
+    from loram_core.device import peak_flops
+    from loram_core.loss import training_flops_per_token
+    from loram_core.models import decoder_layers
+
+    if cfg.freeze_lm_head and hasattr(model, "lm_head"):
+        model.lm_head.weight.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        set_activation_checkpointing(model, True)
+    flops_per_token = training_flops_per_token(model, seq_len)
+    inner = model
+    rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
+    if world == 1:
+        dist_info = None
+    else:
+        from loram_core.distributed import wrap
+
+        if cfg.parallel == "fsdp" and (masked or cfg.optimizer != "adamw"):
+            raise LoramError(
+                "align.parallel=fsdp shards every weight; sparse masks and FLoRA need whole matrices. "
+                "Use align.parallel=ddp for sparse strategies or align.optimizer=flora."
+            )
+        model = wrap(model, cfg.parallel, decoder_layers(model))  # DDP: `inner` stays the module
+    if cfg.compile:
+        for layer in decoder_layers(inner):
+            layer.compile()  # regional: each layer once, shapes are static (packed blocks)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        cfg.optimizer,
+        params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        flora_rank=cfg.flora_rank,
+        flora_kappa=cfg.flora_kappa,
+        seed=cfg.seed,
+        fused=device.type == "cuda",
+    )
+    schedule = cosine_with_warmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # The chunked loss calls the decoder and head directly, which DDP/FSDP wrappers must see.
+    chunk_tokens = cfg.loss_chunk_tokens if dist_info is None else None
+    return _Run(model, inner, params, optimizer, scheduler, dist_info, rank, world, chunk_tokens,
+                cfg.precision, flops_per_token, peak_flops(device))  # fmt: skip
+
+
+def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch.device) -> int:
+    """Load the latest checkpoint into the run, if there is one; returns the step to start from."""
+    found = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if found is None:
+        return 0
+    state = torch.load(found / "state.pt", weights_only=True)
+    if run.dist_info is None:
+        load_model(run.model, str(found / "model.safetensors"), device=str(device))
+        run.optimizer.load_state_dict(state["optimizer"])
+    else:
+        from loram_core.distributed import load_full_state
+
+        load_full_state(
+            run.model, run.optimizer, load_file(str(found / "model.safetensors")), state["optimizer"]
+        )
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    meta = json.loads((found / "trainer.json").read_text())
+    result.losses = [tuple(x) for x in meta["losses"]]
+    result.tokens, result.seconds, result.resumed_from = meta["tokens"], meta["seconds"], meta["step"]
+    return meta["step"]
+
+
+def _forward_backward(run: _Run, batch: torch.Tensor, micro: int, device: torch.device) -> float:
+    """Accumulate the gradients of `batch`'s mean loss, `micro` samples per pass; returns the loss."""
+    total = 0.0
+    for start in range(0, batch.shape[0], micro):
+        ids = batch[start : start + micro].to(device=device, dtype=torch.long, non_blocking=True)
+        share = ids.shape[0] / batch.shape[0]  # so the micro-batches' gradients sum to the batch mean's
+        with autocast_context(run.precision, device):
+            loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def _optimizer_step(run: _Run, cfg: AlignConfig, masks: dict[str, torch.Tensor] | None) -> None:
+    """Clip, step, zero the gradients, advance the schedule and re-apply sparse masks."""
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if masks:
+        apply_masks(run.inner, masks)
+
+
+def _micro_batch_size(run: _Run, cfg: AlignConfig, blocks: torch.Tensor, device: torch.device) -> int:
+    """Samples per forward/backward: `micro_batch_size`, or with `auto` the largest that fits on the GPU.
+
+    `auto` tries a forward and backward of the full batch, then halves it after each out-of-memory
+    error; the gradients of the probe are discarded. On the CPU `auto` is the whole batch.
+    """
+    if cfg.micro_batch_size is None:
+        return cfg.batch_size
+    if cfg.micro_batch_size != "auto":
+        return min(cfg.micro_batch_size, cfg.batch_size)
+    if device.type != "cuda":
+        return cfg.batch_size
+    size = cfg.batch_size
+    probe = blocks[: cfg.batch_size]
+    while True:
+        try:
+            _forward_backward(run, probe[:size], size, device)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise LoramError(
+                    "one sample of align.batch_size does not fit in GPU memory; set "
+                    "align.gradient_checkpointing=true, lower corpus.seq_len, or use more GPUs "
+                    "(align.nproc_per_node)."
+                ) from None
+            size //= 2
+        finally:
+            run.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+
+def _mfu(result: TrainResult, run: _Run) -> float | None:
+    """Model FLOPs utilisation of the run so far (None where the device's peak is unknown)."""
+    if run.peak_flops is None or not result.seconds:
+        return None
+    return result.tokens_per_second * run.flops_per_token / (run.peak_flops * run.world)
+
+
+def _progress_event(run: _Run, result: TrainResult, done: int) -> dict:
+    event = {
+        "step": done,
+        "total": result.steps,
+        "loss": result.losses[-1][1],
+        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": result.tokens_per_second,
+    }
+    mfu = _mfu(result, run)
+    if mfu is not None:
+        event["mfu"] = mfu
+    return event

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loram_core.device import DEVICE_PATTERN
 from loram_core.errors import ConfigError
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
@@ -109,8 +110,10 @@ class PruneConfig(_Section):
     calib_samples: int = Field(32, ge=1, description="Calibration blocks from the corpus.")
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights' dtype while pruning (and of the pruned checkpoint)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights' dtype while pruning (and of the pruned checkpoint); `auto`: bfloat16 on a "
+        "GPU, float32 on the CPU. Hessians and Taylor scores are float32 either way.",
     )
     device_map: str | None = Field(
         None,
@@ -154,6 +157,20 @@ class AlignConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`auto`: bf16 autocast where the device supports it, else fp32."
     )
+    micro_batch_size: int | Literal["auto"] | None = Field(
+        None,
+        description="Samples per forward/backward within a batch (gradients accumulate over them): unset "
+        "= batch_size; `auto` = the largest that fits in free GPU memory (probed once; batch_size on the CPU).",
+    )
+    loss_chunk_tokens: int | None = Field(
+        4096,
+        ge=1,
+        description="Next-token loss computed over this many tokens at a time, the vocabulary logits "
+        "recomputed in backward, so they never all exist at once; unset: the model's own loss.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (GPU; first steps are slower)."
+    )
     nproc_per_node: int = Field(
         1, ge=1, description="1: train in the task's process; >1: launch the loop under torchrun."
     )
@@ -173,7 +190,12 @@ class QuantizeConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """Held-out perplexity of the original, pruned, aligned and 4-bit models."""
+
     batch_size: int = Field(8, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights' dtype while scoring; `auto`: bfloat16 on a GPU, float32 on the CPU."
+    )
 
 
 class PublishConfig(_Section):
@@ -190,6 +212,12 @@ class PipelineConfig(_Section):
     """The whole provider job; one section per step."""
 
     workdir: str = Field(".loram/work", description="Step outputs, keyed by the hash of their inputs.")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Where prune, align, quantize and evaluate compute: `auto` (the first GPU when CUDA is "
+        "present, else the CPU), `cpu`, `cuda` or `cuda:N`.",
+    )
     base: BaseConfig = BaseConfig()
     corpus: CorpusConfig = CorpusConfig()
     prune: PruneConfig = PruneConfig()

@@ -31,6 +31,9 @@ class Manifest(BaseModel):
     quantize: dict[str, Any]
     params: dict[str, Any] = Field(description="original/pruned counts, reduction, HBM figures")
     metrics: dict[str, Any] = Field(description="original_ppl, pruned_ppl, aligned_ppl, ... on held-out text")
+    compute: dict[str, Any] = Field(
+        default_factory=dict, description="device the steps ran on (name, memory, torch/CUDA versions)"
+    )
     files: list[FileEntry]
     code_version: str
 

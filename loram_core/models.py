@@ -45,6 +45,7 @@ LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def family_of(config: PretrainedConfig) -> Family:
+    """The module layout of `config`'s model family; refuses families we do not support."""
     try:
         return FAMILIES[config.model_type]
     except KeyError:
@@ -54,10 +55,19 @@ def family_of(config: PretrainedConfig) -> Family:
 
 
 def head_dim(config: PretrainedConfig) -> int:
+    """Width of one attention head (an explicit `head_dim`, or hidden size / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def attention_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """`(n_kv_heads, query heads per KV head, head_dim)` of the original model; plain MHA has a group of 1."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return kv, heads // kv, head_dim(config)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers."""
     family = family_of(model.config)
     return model.get_submodule(family.layers)
 
@@ -143,6 +153,7 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
 
 
 def load_config(path: str | Path) -> PretrainedConfig:
+    """The transformers config in directory `path`; refuses a directory without `config.json`."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise LoramError(

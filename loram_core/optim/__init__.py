@@ -24,6 +24,7 @@ def build_optimizer(
     flora_rank: int = 8,
     flora_kappa: int = 100,
     seed: int = 0,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """Builds the optimizer named in the config.
 
@@ -36,6 +37,7 @@ def build_optimizer(
         flora_rank: Rank of Flora's momentum projection (ignored by AdamW).
         flora_kappa: Steps between Flora's projection resamplings (ignored by AdamW).
         seed: Base seed of Flora's projections (ignored by AdamW).
+        fused: AdamW's fused CUDA kernel (one launch for all parameters; ignored by Flora).
 
     Returns:
         The optimizer.
@@ -44,7 +46,7 @@ def build_optimizer(
         ValueError: If ``name`` is not one of :data:`OPTIMIZERS`.
     """
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
     if name == "flora":
         return Flora(
             params,

@@ -28,6 +28,7 @@ class Pruner(Protocol):
         cfg: PruneConfig,
         calib: torch.Tensor,
         progress: ProgressFn | None,
+        device: torch.device | str,
     ) -> Masks: ...
 
 
@@ -50,12 +51,22 @@ def prune_checkpoint(
     cfg: PruneConfig,
     calib: torch.Tensor,
     progress: ProgressFn | None = None,
+    device: torch.device | str = "cpu",
 ) -> Masks:
-    """Prune the checkpoint in `base_dir` into `out_dir` (weights + config) and return its masks."""
+    """Prune the checkpoint in `base_dir` into `out_dir` (weights + config) and return its masks.
+
+    Args:
+        base_dir: the original checkpoint (safetensors), read one decoder layer at a time.
+        out_dir: where the pruned checkpoint is written (one shard per decoder layer + index).
+        cfg: the `prune` section.
+        calib: int `[n, seq_len]` calibration blocks (the first `cfg.calib_samples` are used).
+        progress: called with (phase, done, total).
+        device: where each streamed layer computes (its Hessians, solver and activations too).
+    """
     pruner = _registry()[cfg.strategy]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return pruner(Path(base_dir), out_dir, cfg, calib, progress)
+    return pruner(Path(base_dir), out_dir, cfg, calib, progress, device)
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import PretrainedConfig
 
 from loram_core.config import SPARSE, PruneConfig
-from loram_core.models import build_model, count_parameters, layer_widths
+from loram_core.models import attention_shape, build_model, count_parameters, layer_widths
 
 GIB = 2**30
 
@@ -25,14 +25,14 @@ GIB = 2**30
 def pruned_layer_widths(config: PretrainedConfig, ratio: float) -> dict[str, int]:
     """Widths of one structurally pruned layer of `config` at `ratio`."""
     inter = config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv, group, _ = attention_shape(config)
+    heads = kv * group
     kept_inter = max(1, inter - math.ceil(inter * ratio))
-    if kv == heads:  # plain multi-head attention
+    if group == 1:  # plain multi-head attention
         kept_kv = max(1, int(heads * (1 - ratio)))
         return {"intermediate": kept_inter, "heads": kept_kv, "kv_heads": kept_kv}
     kept_kv = max(1, kv - int(kv * ratio))
-    return {"intermediate": kept_inter, "heads": kept_kv * (heads // kv), "kv_heads": kept_kv}
+    return {"intermediate": kept_inter, "heads": kept_kv * group, "kv_heads": kept_kv}
 
 
 def structured_config(config: PretrainedConfig, cfg: PruneConfig) -> PretrainedConfig:

@@ -70,7 +70,7 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float, restore: Callable[[], 
     """
     lapack = hessian.mT
     mean = lapack.diagonal().mean().item()
-    info = torch.zeros((), dtype=torch.int32)
+    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
     for attempt in range(6):
         if attempt:
             restore()
@@ -98,7 +98,7 @@ def _restorable(
     Both have 1 on the diagonal of `dead` inputs (always zero, so H is singular there). Not owned:
     a copy of the caller's Hessian, restored from it. Owned: the caller's own tensor, restored from
     a copy spilled to an unlinked temporary file: the page cache holds it, not the process, and it
-    is read back only if a factorization fails.
+    is read back only if a factorization fails. On a GPU the spill is a copy in host memory.
     """
     if not owned:
         work = hessian.detach().clone().float()
@@ -112,6 +112,10 @@ def _restorable(
         return
     work = hessian.detach()
     work[dead, dead] = 1
+    if work.device.type != "cpu":
+        host = work.to("cpu")
+        yield work, lambda: work.copy_(host)
+        return
     with tempfile.TemporaryFile(prefix="loram-hessian-") as spill:
         work.numpy().tofile(spill)
 

@@ -16,16 +16,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loram_core.models import Family, layer_linears, set_activation_checkpointing, set_layer_attributes
-
-
-def _gqa(config) -> tuple[int, int, int]:
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return kv, heads // kv, hd
+from loram_core.models import (
+    Family,
+    attention_shape,
+    layer_linears,
+    set_activation_checkpointing,
+    set_layer_attributes,
+)
+from loram_core.prune.streaming import (
+    StreamedModel,
+    capture_layer_inputs,
+    heap_returns_memory,
+    layer_output,
+    stream_layers,
+)
 
 
 def random_keep(n: int, keep: int, generator: torch.Generator) -> torch.Tensor:
@@ -69,7 +76,7 @@ def group_scores(sal: dict[str, torch.Tensor], config) -> tuple[torch.Tensor, to
     Returns:
         (channel scores `[intermediate]`, KV-head scores `[n_kv]`), float32, non-negative.
     """
-    kv, group, hd = _gqa(config)
+    kv, group, hd = attention_shape(config)
     channel = sal["gate"].sum(1) + sal["up"].sum(1) + sal["down"].sum(0)
     q_rows = sal["q"].sum(1) + (sal.get("q_bias", 0))
     k_rows = sal["k"].sum(1) + (sal.get("k_bias", 0))
@@ -82,8 +89,9 @@ def group_scores(sal: dict[str, torch.Tensor], config) -> tuple[torch.Tensor, to
 
 def kept_query_rows(kept_kv_heads: torch.Tensor, group: int, hd: int) -> torch.Tensor:
     """Row indices of q (= column indices of o) that belong to the kept KV heads' query groups."""
-    heads = (kept_kv_heads[:, None] * group + torch.arange(group)).flatten()
-    return (heads[:, None] * hd + torch.arange(hd)).flatten()
+    device = kept_kv_heads.device
+    heads = (kept_kv_heads[:, None] * group + torch.arange(group, device=device)).flatten()
+    return (heads[:, None] * hd + torch.arange(hd, device=device)).flatten()
 
 
 def _slice_linear(
@@ -109,9 +117,11 @@ def apply_structured(
         kept_channels: sorted int indices into the MLP's intermediate dimension.
         kept_kv_heads: sorted int indices into the KV heads.
     """
-    kv, group, hd = _gqa(config)
+    kv, group, hd = attention_shape(config)
     lin = layer_linears(layer, family)
-    kv_rows = (kept_kv_heads[:, None] * hd + torch.arange(hd)).flatten()
+    kept_kv_heads = kept_kv_heads.to(lin["q"].weight.device)
+    kept_channels = kept_channels.to(lin["q"].weight.device)
+    kv_rows = (kept_kv_heads[:, None] * hd + torch.arange(hd, device=kept_kv_heads.device)).flatten()
     q_rows = kept_query_rows(kept_kv_heads, group, hd)
     new = {
         "q": _slice_linear(lin["q"], rows=q_rows),
@@ -223,8 +233,9 @@ def taylor_group_scores_streamed(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 4,
     progress=None,
+    device: torch.device | str = "cpu",
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The scores of `taylor_group_scores`, with one decoder layer resident at a time.
+    """The scores of `taylor_group_scores`, with one decoder layer resident at a time on `device`.
 
     The forward pass runs layer by layer, writing the input hidden states of every layer from
     `layers.start` up to a temporary directory; the head's loss gives the gradient at the last
@@ -236,136 +247,195 @@ def taylor_group_scores_streamed(
     Resident: one layer and its linears' gradients, one batch's activations, and the hidden
     states and gradients of all calibration blocks at one layer boundary. On disk (`$TMPDIR`):
     `(L - layers.start) x blocks x seq_len x hidden` values. Compute: two forward passes and
-    one backward, as with gradient checkpointing.
+    one backward, as with gradient checkpointing. Scores come back on the CPU.
     """
-    from safetensors.torch import load_file, save_file
-
-    from loram_core.prune.sequential import (
-        StreamedModel,
-        capture_layer_inputs,
-        heap_returns_memory,
-        layer_output,
-    )
-
-    stream = StreamedModel(base_dir, dtype)
-    config, family = stream.config, stream.family
-    n_layers = config.num_hidden_layers
-    total = 2 * n_layers - layers.start
-    done = 0
+    device = torch.device(device)
+    stream = StreamedModel(base_dir, dtype, device)
+    n_layers = stream.config.num_hidden_layers
+    steps = iter(range(1, 2 * n_layers - layers.start + 1))
 
     def tick() -> None:
-        nonlocal done
-        done += 1
+        done = next(steps)
         if progress is not None:
-            progress("taylor", done, total)
+            progress("taylor", done, 2 * n_layers - layers.start)
 
-    ids = [calib[s : s + batch_size].long() for s in range(0, calib.shape[0], batch_size)]
-    stream.load_rest()
-    captured = capture_layer_inputs(stream.model, calib, batch_size)
-    kwargs = [kw for _, kw in captured]
-    hidden = [h for h, _ in captured]
-    del captured
-    scores = {}
-    with tempfile.TemporaryDirectory(prefix="loram-taylor-") as spill, heap_returns_memory() as trim:
-
-        def saved(i: int) -> Path:
-            return Path(spill) / f"{i}.safetensors"
-
-        with torch.no_grad():
-            for i in range(n_layers):
-                if i >= layers.start:
-                    save_file({str(b): h.contiguous() for b, h in enumerate(hidden)}, str(saved(i)))
-                layer = stream.load_layer(i)
-                hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
-                stream.drop_layer(i)
-                trim()
-                tick()
-        grads = []
-        for h, x in zip(hidden, ids, strict=True):
-            h = h.detach().requires_grad_()
-            logits = stream.model.lm_head(stream.model.model.norm(h)).float()
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-            # Weighted by the batch's share: the gradients sum to those of the mean over all blocks.
-            (loss * x.shape[0] / calib.shape[0]).backward()
-            grads.append(h.grad)
-        del hidden, h, logits, loss
-        stream.drop_rest()
-        for i in reversed(range(layers.start, n_layers)):
-            layer = stream.load_layer(i)
-            scored = (
-                [p for lin in layer_linears(layer, family).values() for p in lin.parameters()]
-                if i in layers
-                else []
+    try:
+        stream.prefetch(0)
+        stream.load_rest()
+        captured = capture_layer_inputs(stream.model, calib, batch_size)
+        ids = [
+            calib[s : s + batch_size].to(device=device, dtype=torch.long)
+            for s in range(0, len(calib), batch_size)
+        ]
+        kwargs = [kw for _, kw in captured]
+        with tempfile.TemporaryDirectory(prefix="loram-taylor-") as spill, heap_returns_memory() as trim:
+            spill_dir = Path(spill)
+            hidden = _forward_saving_inputs(
+                stream, [h for h, _ in captured], kwargs, layers.start, spill_dir, trim, tick
             )
-            for p in layer.parameters():
-                p.requires_grad_(False)
-            for p in scored:
-                p.requires_grad_(True)
-            grad_sq: dict[int, torch.Tensor] = {}
-            hooks = _square_hooks(scored, grad_sq) if estimator in ("param_second", "param_mix") else []
-            inputs = load_file(str(saved(i)))
-            saved(i).unlink()
-            below = i > layers.start  # the lowest scored layer passes no gradient down
-            for b, (kw, g) in enumerate(zip(kwargs, grads, strict=True)):
-                x = inputs.pop(str(b)).requires_grad_(below)
-                torch.autograd.backward(layer_output(layer(x, **kw)), g)
-                grads[b] = x.grad
-                del x
-            for hook in hooks:
-                hook.remove()
-            if i in layers:
-                scores[i] = _layer_scores(layer, family, config, grad_sq, estimator)
-            stream.drop_layer(i)
-            trim()
-            tick()
+            del captured
+            grads = _head_gradients(stream, hidden, ids, len(calib))
+            del hidden
+            stream.drop_rest()
+            return _backward_scoring(stream, layers, kwargs, grads, estimator, spill_dir, trim, tick)
+    finally:
+        stream.close()
+
+
+@torch.no_grad()
+def _forward_saving_inputs(
+    stream: StreamedModel, hidden: list[torch.Tensor], kwargs: list[dict], first_saved: int, spill: Path,
+    trim, tick,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Run every layer on the calibration batches; save the inputs of layers `>= first_saved` to `spill`."""
+    n_layers = len(stream.layers)
+    for i in range(n_layers):
+        if i >= first_saved:
+            save_file(
+                {str(b): h.to("cpu").contiguous() for b, h in enumerate(hidden)},
+                str(spill / f"{i}.safetensors"),
+            )
+        # After the last layer, the backward pass starts again from it: prefetch it once more.
+        layer = stream.load_layer(i, prefetch_next=min(i + 1, n_layers - 1))
+        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs, strict=True)]
+        stream.drop_layer(i)
+        trim()
+        tick()
+    return hidden
+
+
+def _head_gradients(
+    stream: StreamedModel, hidden: list[torch.Tensor], ids: list[torch.Tensor], n_blocks: int
+) -> list[torch.Tensor]:
+    """Gradients of the mean next-token loss w.r.t. the last layer's output, batch by batch."""
+    grads = []
+    for h, x in zip(hidden, ids, strict=True):
+        h = h.detach().requires_grad_()
+        logits = stream.model.lm_head(stream.model.model.norm(h)).float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        # Weighted by the batch's share: the gradients sum to those of the mean over all blocks.
+        (loss * x.shape[0] / n_blocks).backward()
+        grads.append(h.grad)
+    return grads
+
+
+def _backward_scoring(
+    stream: StreamedModel, layers: range, kwargs: list[dict], grads: list[torch.Tensor], estimator: str,
+    spill: Path, trim, tick,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Backpropagate from the top layer down to `layers.start`, scoring each layer in `layers` (on the CPU)."""
+    config, family = stream.config, stream.family
+    scores = {}
+    for i in reversed(range(layers.start, len(stream.layers))):
+        layer = stream.load_layer(i, prefetch_next=i - 1 if i > layers.start else None)
+        scored = (
+            [p for lin in layer_linears(layer, family).values() for p in lin.parameters()]
+            if i in layers
+            else []
+        )
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        for p in scored:
+            p.requires_grad_(True)
+        grad_sq: dict[int, torch.Tensor] = {}
+        hooks = _square_hooks(scored, grad_sq) if estimator in ("param_second", "param_mix") else []
+        inputs = load_file(str(spill / f"{i}.safetensors"), device=str(stream.device))
+        (spill / f"{i}.safetensors").unlink()
+        below = i > layers.start  # the lowest scored layer passes no gradient down
+        for b, (kw, g) in enumerate(zip(kwargs, grads, strict=True)):
+            x = inputs.pop(str(b)).requires_grad_(below)
+            torch.autograd.backward(layer_output(layer(x, **kw)), g)
+            grads[b] = x.grad
+            del x
+        for hook in hooks:
+            hook.remove()
+        if i in layers:
+            channel, heads = _layer_scores(layer, family, config, grad_sq, estimator)
+            scores[i] = (channel.cpu(), heads.cpu())
+        stream.drop_layer(i)
+        trim()
+        tick()
     return scores
 
 
-def prune_structured(base_dir, out_dir, cfg, calib: torch.Tensor, progress=None):
+def prune_structured(
+    base_dir: Path,
+    out_dir: Path,
+    cfg,
+    calib: torch.Tensor,
+    progress=None,
+    device: torch.device | str = "cpu",
+):
     """`random` and `structured` strategies: choose the kept groups, then cut the layers, streamed.
 
     `random` needs only shapes. `structured` scores with Taylor importance: streamed one layer at
-    a time by default (`taylor_group_scores_streamed`), or, with `prune.device_map`, on the whole
-    model placed by accelerate (several GPUs). Either way the cut streams the checkpoint.
+    a time through `device` by default (`taylor_group_scores_streamed`), or, with
+    `prune.device_map`, on the whole model placed by accelerate (several GPUs). Either way the cut
+    streams the checkpoint through `device`.
     """
+    from loram_core.device import default_dtype
     from loram_core.models import load_config
     from loram_core.prune.masks import Masks
-    from loram_core.prune.plan import pruned_layer_widths, structured_config
+    from loram_core.prune.plan import structured_config
 
     config = load_config(base_dir)
-    start, stop = cfg.layer_range(config.num_hidden_layers)
-    target = pruned_layer_widths(config, cfg.ratio)
-    kv, _, _ = _gqa(config)
-    layers = range(start, stop)
-    dtype = getattr(torch, cfg.dtype)
-    scoring = 0  # progress steps before the cut (streamed Taylor's)
+    device = torch.device(device)
+    dtype = default_dtype(device, cfg.dtype)
+    layers = range(*cfg.layer_range(config.num_hidden_layers))
+    # Streamed Taylor reports its forward steps and backward steps, then the cut one per layer.
+    scoring = (
+        2 * config.num_hidden_layers - layers.start
+        if cfg.strategy == "structured" and not cfg.device_map
+        else 0
+    )
     if cfg.strategy == "random":
-        generator = torch.Generator().manual_seed(cfg.seed)
-        kept = {
-            i: (random_keep(config.intermediate_size, target["intermediate"], generator),
-                random_keep(kv, target["kv_heads"], generator))
-            for i in layers
-        }  # fmt: skip
+        kept = _random_kept(config, layers, cfg)
     else:
-        calib = calib[: cfg.calib_samples]
-        if cfg.device_map:
-            scores = _whole_model_scores(base_dir, layers, calib, cfg, dtype)
-        else:
-            scoring = 2 * config.num_hidden_layers - start  # layers forward, then backward down to `start`
-            scores = taylor_group_scores_streamed(
-                base_dir, layers, calib, cfg.importance, dtype, progress=_offset(progress, 0, scoring, config)
-            )
-        kept = {
-            i: (top_keep(scores[i][0], target["intermediate"]), top_keep(scores[i][1], target["kv_heads"]))
-            for i in layers
-        }
+        scores = _taylor_scores(base_dir, layers, calib[: cfg.calib_samples], cfg, dtype, device,
+                                _offset(progress, 0, scoring, config))  # fmt: skip
+        kept = _top_kept(config, scores, cfg)
     masks = Masks(strategy=cfg.strategy)
     for i, (channels, heads) in kept.items():
         masks.kept_channels[i], masks.kept_kv_heads[i] = channels, heads
     cut_progress = _offset(progress, scoring, scoring, config) if scoring else progress
-    written = _cut_streamed(base_dir, out_dir, config, kept, dtype, cut_progress)
+    written = _cut_streamed(base_dir, out_dir, config, kept, dtype, cut_progress, device)
     structured_config(written, cfg).save_pretrained(out_dir)
     return masks
+
+
+def _random_kept(config, layers: range, cfg) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRAM-Rand: per pruned layer, a seeded uniform choice of the channels and KV heads that stay."""
+    from loram_core.prune.plan import pruned_layer_widths
+
+    target = pruned_layer_widths(config, cfg.ratio)
+    kv, _, _ = attention_shape(config)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return {
+        i: (random_keep(config.intermediate_size, target["intermediate"], generator),
+            random_keep(kv, target["kv_heads"], generator))
+        for i in layers
+    }  # fmt: skip
+
+
+def _top_kept(config, scores: dict, cfg) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRAM-Stru: per pruned layer, the highest-scoring channels and KV heads stay."""
+    from loram_core.prune.plan import pruned_layer_widths
+
+    target = pruned_layer_widths(config, cfg.ratio)
+    return {
+        i: (top_keep(channel, target["intermediate"]), top_keep(heads, target["kv_heads"]))
+        for i, (channel, heads) in scores.items()
+    }
+
+
+def _taylor_scores(base_dir: Path, layers: range, calib: torch.Tensor, cfg, dtype: torch.dtype,
+                   device: torch.device, progress) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """Group scores of every pruned layer: streamed through `device`, or whole-model with `device_map`."""
+    if cfg.device_map:
+        return _whole_model_scores(base_dir, layers, calib, cfg, dtype)
+    return taylor_group_scores_streamed(
+        base_dir, layers, calib, cfg.importance, dtype, progress=progress, device=device
+    )
 
 
 def _offset(progress, before: int, scoring: int, config):
@@ -388,15 +458,15 @@ def _whole_model_scores(base_dir, layers: range, calib: torch.Tensor, cfg, dtype
             "prune.device_map unset to score one layer at a time (streamed, no whole-model memory), or "
             "give it devices that hold the whole model."
         )
-    return taylor_group_scores(
+    scores = taylor_group_scores(
         model, layers, calib, cfg.importance, gradient_checkpointing=cfg.gradient_checkpointing
     )
+    return {i: (channel.cpu(), heads.cpu()) for i, (channel, heads) in scores.items()}
 
 
-def _cut_streamed(base_dir, out_dir, config, kept: dict, dtype: torch.dtype, progress=None):
+def _cut_streamed(base_dir, out_dir, config, kept: dict, dtype: torch.dtype, progress=None, device="cpu"):
     """Write the checkpoint with `kept[i] = (channels, kv_heads)` of layer `i`, one layer at a time."""
     from loram_core.models import family_of
-    from loram_core.prune.sequential import stream_layers
 
     family = family_of(config)
 
@@ -404,4 +474,4 @@ def _cut_streamed(base_dir, out_dir, config, kept: dict, dtype: torch.dtype, pro
         if i in kept:
             apply_structured(layer, family, config, *kept[i])
 
-    return stream_layers(base_dir, out_dir, process, progress=progress, dtype=dtype)
+    return stream_layers(base_dir, out_dir, process, progress=progress, dtype=dtype, device=device)
