@@ -53,12 +53,13 @@ def _keep(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("family", "overrides"), [("llama", {}), ("qwen2", {}), ("llama", {"num_key_value_heads": 4})]
+    ("strategy", "family", "overrides"),
+    [("random", "llama", {}), ("structured", "qwen2", {}), ("random", "llama", {"num_key_value_heads": 4})],
 )
 def test_zero_fill_delta_equals_the_pruned_delta_on_kept_rows_and_columns_and_is_zero_elsewhere(
-    tmp_path, family, overrides
+    tmp_path, strategy, family, overrides
 ) -> None:
-    original, pruned = _pruned_base(tmp_path, family=family, **overrides)
+    original, pruned = _pruned_base(tmp_path, strategy, family, **overrides)
     _adapter(pruned, tmp_path / "small")
     result = recover(pruned, tmp_path / "small", tmp_path / "rec", original=original)
     small = load_file(tmp_path / "small" / "adapter_model.safetensors")
@@ -208,7 +209,7 @@ def test_merge_into_an_nf4_original_adds_the_delta_to_the_dequantized_weights(tm
     torch.testing.assert_close(w.float(), (expected + delta).bfloat16().float(), rtol=0, atol=0)
 
 
-def test_a_base_behind_a_bucket_uri_reads_only_config_and_masks(tmp_path) -> None:
+def test_a_published_version_by_uri_or_directory_reads_only_config_masks_and_manifest(tmp_path) -> None:
     from loram_core.storage import publish_version
     from tests.conftest import bare_manifest
 
@@ -218,11 +219,29 @@ def test_a_base_behind_a_bucket_uri_reads_only_config_and_masks(tmp_path) -> Non
     (staging / "model").mkdir(parents=True)
     shutil.copy(pruned / "config.json", staging / "model" / "config.json")
     shutil.copytree(pruned / "masks", staging / "masks")
-    publish_version(staging, bare_manifest(staging), f"file://{tmp_path}/bucket")
-    recover(f"file://{tmp_path}/bucket/m", tmp_path / "small", tmp_path / "uri", original=original)
+    manifest = bare_manifest(staging)
+    manifest.base = {"source": "org/tiny-llama"}
+    publish_version(staging, manifest, f"file://{tmp_path}/bucket")
+    uri = recover(f"file://{tmp_path}/bucket/m", tmp_path / "small", tmp_path / "uri")
+    assert uri.base_model == "org/tiny-llama"  # named by the manifest when --original is not given
+    local = recover(tmp_path / "bucket" / "m" / "v1", tmp_path / "small", tmp_path / "version")
+    assert local.base_model == "org/tiny-llama"
     recover(pruned, tmp_path / "small", tmp_path / "dir", original=original)
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("uri", "dir"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b, c = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("uri", "version", "dir"))
+    assert all(torch.equal(a[k], c[k]) and torch.equal(b[k], c[k]) for k in a)
+
+
+def test_peft_key_names_with_and_without_the_adapter_name_infix() -> None:
+    from loram_core.recover.adapter import LoraKey, param_name, parse_key
+
+    q = "model.layers.3.self_attn.q_proj"
+    assert parse_key(f"base_model.model.{q}.lora_A.weight") == LoraKey(q, "A", "weight", False)
+    assert parse_key(f"base_model.model.{q}.lora_B.default.bias") == LoraKey(q, "B", "bias", False)
+    emb = parse_key("base_model.model.model.embed_tokens.lora_embedding_B")
+    assert emb == LoraKey("model.embed_tokens", "B", "weight", True)
+    assert parse_key("base_model.model.lm_head.base_layer.weight") is None
+    assert param_name("base_model.model.lm_head.base_layer.weight") == "lm_head.weight"
+    assert param_name("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
 
 
 def _rewrite(adapter: Path, edit) -> None:
