@@ -97,17 +97,22 @@ def recover(
     if mode in ("mask", "complement"):
         return _merge_masked(pruned, lora, config, name, original, out, mode, dtype)
     result = Recovered(out, mode, name)
+    full = build_model(config, "meta")
     recovered = Adapter(copy.deepcopy(lora.config), dict(lora.tensors), lora.path)
     recovered.config["base_model_name_or_path"] = name
     if pruned.structured:
         kept = kept_indices(pruned.masks, config, pruned.config, family_of(config), pruned.where)
         _refuse_full_weights_of_pruned_modules(lora, kept)
         generator = torch.Generator().manual_seed(seed)
-        full = build_model(config, "meta")
         for module, keys in lora.lora_modules().items():
             if module not in kept:
                 result.unchanged.append(module)
                 continue
+            if "A" not in keys or "B" not in keys:
+                raise LoramError(
+                    f"{lora.path / WEIGHTS_FILE}: module {module!r} has only lora_{'/'.join(keys)}; the adapter "
+                    "file is incomplete. Save the adapter again with `save_pretrained`."
+                )
             fan_in, fan_out = full.get_submodule(module).in_features, full.get_submodule(module).out_features
             side, idx = kept[module]
             if side == "rows":
@@ -121,7 +126,7 @@ def recover(
             result.grown.append(module)
     else:
         result.unchanged = sorted(lora.lora_modules())
-    check_against(recovered, build_model(config, "meta"), "the original model",
+    check_against(recovered, full, "the original model",
                   "This is a bug in recovery; please report it with the base and adapter.")  # fmt: skip
     write_adapter(recovered, out)
     return result
