@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--damp", type=float, default=0.01)
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--repeat", type=int, default=1, help="pruning passes (a fresh model each)")
+    p.add_argument("--dtype", default="float32", help="weights' dtype (bfloat16 on a GPU, as ours there)")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -61,7 +62,7 @@ def main() -> None:
         else:
             recipe = WandaPruningModifier(**common)
         with Timer() as t:
-            model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(args.base, dtype=getattr(torch, args.dtype))
             oneshot(
                 model=model,
                 dataset=loader,
@@ -70,6 +71,9 @@ def main() -> None:
                 pipeline="sequential",
             )
         passes.add(t)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        model.to("cuda")
     ppl = perplexity(model, heldout)
     import importlib.metadata as md
 
@@ -78,6 +82,7 @@ def main() -> None:
             **passes.result(),
             "ppl": ppl,
             "sparsity": sparsity_of(model),
+            "gpu_peak_gib": gpu_peak,
             "version": f"llmcompressor {md.version('llmcompressor')}",
         }
     )

@@ -35,6 +35,7 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_markdown(uri: str, evaluation: dict) -> str:
+    """The run's summary artifact: perplexities, parameter counts, HBM and where it computed."""
     m, p = evaluation["metrics"], evaluation["params"]
     rows = [
         ("original perplexity", m["original_ppl"]),
@@ -50,5 +51,15 @@ def summary_markdown(uri: str, evaluation: dict) -> str:
         ("HBM GB (bf16)", p["hbm_gb"]),
         ("HBM GB (4-bit, QLoRAM)", p["hbm_gb_4bit"]),
     ]
-    body = "\n".join(f"| {k} | {v:,.3f} |" if isinstance(v, float) else f"| {k} | {v:,} |" for k, v in rows)
+    compute = evaluation.get("compute", {})
+    if compute:
+        rows.append(("computed on", f"{compute['device']} ({compute.get('name', '')})"))
+    body = "\n".join(
+        f"| {k} | {v:,.3f} |"
+        if isinstance(v, float)
+        else f"| {k} | {v:,} |"
+        if isinstance(v, int)
+        else f"| {k} | {v} |"
+        for k, v in rows
+    )
     return f"## Published `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"

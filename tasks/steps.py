@@ -6,38 +6,53 @@ hash configs and paths only, and the models must never be passed between tasks).
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from loram_core import steps
 from loram_core.config import PipelineConfig
+from loram_core.device import describe
 from tasks._progress import StepProgress
+
+
+def _log_device(cfg: PipelineConfig, step: str) -> None:
+    """Say in the task's log where this step computes (the run summary records it too)."""
+    info = describe(steps.compute_device(cfg))
+    get_run_logger().info("%s computes on %s (%s)", step, info["device"], info["name"])
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_base(cfg: PipelineConfig) -> str:
+    """The original model's checkpoint: the given directory, or the demo base (built once, cached)."""
     progress = StepProgress("pretrain-demo-base", "Demo base pretraining", curve_key="demo-pretraining-loss")
     return steps.prepare_base(cfg, progress)
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
+    """Tokenize and pack the corpus with the base's tokenizer; returns the blocks file."""
     return steps.prepare_corpus(cfg, base_dir)
 
 
 @task(cache_policy=NO_CACHE)
 def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+    """Prune the base model (layer-streamed through the run's device); returns the pruned checkpoint."""
+    _log_device(cfg, "prune")
     return steps.prune(cfg, base_dir, blocks_file, StepProgress("prune", f"Pruning ({cfg.prune.strategy})"))
 
 
 @task(cache_policy=NO_CACHE)
 def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str) -> str:
+    """Continual pre-training of the pruned model on the corpus; resumes after a crash."""
+    _log_device(cfg, "align")
     progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
     return steps.align(cfg, pruned_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
 def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:
+    """The NF4 (bitsandbytes) variant of the aligned model, or None when disabled."""
+    _log_device(cfg, "quantize")
     return steps.quantize(cfg, aligned_dir)
 
 
@@ -50,6 +65,8 @@ def evaluate(
     nf4_dir: str | None,
     blocks_file: str,
 ) -> dict:
+    """Held-out perplexity of the original, pruned, aligned and 4-bit models, and parameter counts."""
+    _log_device(cfg, "evaluate")
     return steps.evaluate(cfg, base_dir, pruned_dir, aligned_dir, nf4_dir, blocks_file)
 
 
@@ -63,4 +80,5 @@ def publish(
     nf4_dir: str | None,
     evaluation: dict,
 ) -> str:
+    """Upload the version's files, then its manifest; returns the version's URI."""
     return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation)
