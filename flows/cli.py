@@ -98,6 +98,9 @@ def _print_summary(result: dict) -> None:
     if "aligned_nf4_ppl" in m:
         table.add_row("aligned, NF4", f"{m['aligned_nf4_ppl']:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
     console.print(table)
+    compute = result.get("compute") or {}
+    if compute:
+        console.print(f"computed on {compute['device']} ({compute.get('name', '')})", highlight=False)
     recovered = m.get("recovered")
     console.print(
         f"reduction {p['reduction']:.2f}x; alignment recovered "

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +32,7 @@ from loram_core.data import (
     save_blocks,
 )
 from loram_core.demo import build_demo_base
+from loram_core.device import default_dtype, describe, resolve_device
 from loram_core.errors import LoramError
 from loram_core.evaluate import perplexity
 from loram_core.manifest import Manifest, list_files, sha256_file
@@ -43,6 +45,11 @@ Progress = Callable[[dict], None]
 
 def _step_dir(cfg: PipelineConfig, name: str, key: dict) -> Path:
     return Path(cfg.workdir).expanduser() / f"{name}-{fingerprint(key)}"
+
+
+def compute_device(cfg: PipelineConfig) -> torch.device:
+    """The device every in-process step computes on (`device`, with `auto` resolved)."""
+    return resolve_device(cfg.device)
 
 
 def _commit(tmp: Path, final: Path) -> Path:
@@ -63,27 +70,30 @@ def base_path(cfg: PipelineConfig) -> Path | None:
 
 
 def preflight(cfg: PipelineConfig) -> None:
-    """Check what can be checked before any work: base model, corpus files, layer range, bucket URI.
+    """Check what can be checked before any work: base model, corpus, layer range, bucket, workdir.
+
+    Cheap by design (`loram_core.checks`): config files, safetensors headers and the tokenizer
+    are read, the corpus is streamed until one block of each split is certain; no weights load.
 
     Raises:
-        LoramError: naming the missing file or the bad value and the fix.
+        LoramError: naming the missing or broken file or the bad value, and the fix.
     """
+    from loram_core import checks
+
     path = base_path(cfg)
+    tokenizer = None
     if path is not None:
-        config = load_config(path)  # raises with the fix if config.json is missing
-        if not any(path.glob("*.safetensors")):
-            raise LoramError(
-                f"base.source={str(path)!r} has no *.safetensors weights; convert the checkpoint to safetensors."
-            )
-        num_layers = config.num_hidden_layers
+        num_layers = checks.check_base(path).num_hidden_layers
+        tokenizer = checks.check_tokenizer(path)
     else:
         num_layers = cfg.base.demo.num_hidden_layers
+        checks.check_writable(cfg.base.cache_dir, "base.cache_dir")
     cfg.prune.layer_range(num_layers)
+    compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
     if cfg.corpus.paths != "demo":
-        resolve_files(cfg.corpus, cfg.base.cache_dir)
-    from loram_core.storage import bucket_fs
-
-    bucket_fs(cfg.publish.uri)
+        checks.check_corpus(cfg.corpus, cfg.base.cache_dir, tokenizer)
+    checks.check_bucket(cfg.publish.uri)
+    checks.check_writable(cfg.workdir, "workdir")
 
 
 def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
@@ -133,7 +143,9 @@ def corpus_info(blocks_file: str) -> dict:
 
 def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
     """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`."""
-    out = _step_dir(cfg, "prune", {"prune": cfg.prune.model_dump(), "base": base_dir, "corpus": blocks_file})
+    device = compute_device(cfg)
+    key = {"prune": cfg.prune.model_dump(), "base": base_dir, "corpus": blocks_file, "device": device.type}
+    out = _step_dir(cfg, "prune", key)
     if (out / "config.json").is_file():
         return str(out)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
@@ -144,7 +156,7 @@ def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progre
         if progress is not None:
             progress({"step": done, "total": total, "what": what})
 
-    masks = prune_checkpoint(base_dir, tmp, cfg.prune, calib, report)
+    masks = prune_checkpoint(base_dir, tmp, cfg.prune, calib, report, device=device)
     save_masks(masks, tmp / "masks" / "masks.safetensors")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
     return str(_commit(tmp, out))
@@ -157,9 +169,14 @@ def _sparse_masks(pruned_dir: str) -> dict[str, torch.Tensor] | None:
 
 def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
     """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash."""
-    out = _step_dir(
-        cfg, "align", {"align": cfg.align.model_dump(), "pruned": pruned_dir, "corpus": blocks_file}
-    )
+    device = compute_device(cfg)
+    key = {
+        "align": cfg.align.model_dump(),
+        "pruned": pruned_dir,
+        "corpus": blocks_file,
+        "device": device.type,
+    }
+    out = _step_dir(cfg, "align", key)
     if (out / "config.json").is_file():
         return str(out)
     if not cfg.align.enabled:
@@ -170,12 +187,12 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
     if cfg.align.nproc_per_node > 1:
         result = _align_torchrun(cfg, pruned_dir, blocks_file, work, tmp, progress)
     else:
-        model = load_model(pruned_dir)
+        model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
         result = train_causal_lm(
             model, blocks.train, cfg.align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir), progress=progress
         ).to_dict()  # fmt: skip
-        model.save_pretrained(tmp)
+        model.to("cpu").save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
     shutil.copytree(Path(pruned_dir) / "masks", tmp / "masks")
     (tmp / "train_log.json").write_text(json.dumps(result))
@@ -217,11 +234,13 @@ def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:
     """The 4-bit variant of the aligned model, or None when disabled."""
     if not cfg.quantize.enabled:
         return None
-    out = _step_dir(cfg, "quantize", {"quantize": cfg.quantize.model_dump(), "aligned": aligned_dir})
+    device = compute_device(cfg)
+    key = {"quantize": cfg.quantize.model_dump(), "aligned": aligned_dir, "device": device.type}
+    out = _step_dir(cfg, "quantize", key)
     if (out / "config.json").is_file():
         return str(out)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
-    quantize_checkpoint(aligned_dir, tmp, cfg.quantize)
+    quantize_checkpoint(aligned_dir, tmp, cfg.quantize, device=str(device))
     AutoTokenizer.from_pretrained(aligned_dir).save_pretrained(tmp)
     return str(_commit(tmp, out))
 
@@ -234,25 +253,35 @@ def evaluate(
     nf4_dir: str | None,
     blocks_file: str,
 ) -> dict:
-    """Held-out perplexity of original, pruned, aligned (and 4-bit) models, and parameter counts."""
-    out = _step_dir(
-        cfg,
-        "evaluate",
-        {
-            "dirs": [base_dir, pruned_dir, aligned_dir, nf4_dir],
-            "corpus": blocks_file,
-            "evaluate": cfg.evaluate.model_dump(),
-        },
-    )
+    """Held-out perplexity of original, pruned, aligned (and 4-bit) models, and parameter counts.
+
+    Models are scored one at a time on the run's device (bf16 on a GPU unless `evaluate.dtype`
+    says otherwise); the result records that device and the seconds each model took.
+    """
+    device = compute_device(cfg)
+    key = {
+        "dirs": [base_dir, pruned_dir, aligned_dir, nf4_dir],
+        "corpus": blocks_file,
+        "evaluate": cfg.evaluate.model_dump(),
+        "device": device.type,
+    }
+    out = _step_dir(cfg, "evaluate", key)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     heldout = load_blocks(blocks_file).heldout
     bs = cfg.evaluate.batch_size
+    dtype = default_dtype(device, cfg.evaluate.dtype)
     metrics: dict = {}
-    for key, path in (("original_ppl", base_dir), ("pruned_ppl", pruned_dir), ("aligned_ppl", aligned_dir)):
-        metrics[key] = perplexity(load_model(path), heldout, bs)
+    seconds: dict[str, float] = {}
+    models = {"original_ppl": base_dir, "pruned_ppl": pruned_dir, "aligned_ppl": aligned_dir}
+    for name, path in models.items():
+        t0 = time.perf_counter()
+        metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs)
+        seconds[name] = round(time.perf_counter() - t0, 3)
     if nf4_dir is not None:
-        metrics["aligned_nf4_ppl"] = perplexity(load_model(nf4_dir, device_map="cpu"), heldout, bs)
+        t0 = time.perf_counter()
+        metrics["aligned_nf4_ppl"] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs)
+        seconds["aligned_nf4_ppl"] = round(time.perf_counter() - t0, 3)
     damage = metrics["pruned_ppl"] - metrics["original_ppl"]
     metrics["recovered"] = (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
     metrics["heldout_tokens"] = heldout.numel()
@@ -278,7 +307,8 @@ def evaluate(
         )
     }
     params.update({"stored_params": stored, "nonzero_params": nonzero})
-    result = {"metrics": metrics, "params": params}
+    compute = {**describe(device), "eval_dtype": str(dtype).removeprefix("torch."), "eval_seconds": seconds}
+    result = {"metrics": metrics, "params": params, "compute": compute}
     tmp = _fresh(out.with_name(out.name + ".tmp"))
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
     _commit(tmp, out)
@@ -338,6 +368,7 @@ def publish(
             quantize={**cfg.quantize.model_dump(mode="json"), "enabled": nf4_dir is not None},
             params=evaluation["params"],
             metrics=evaluation["metrics"],
+            compute=evaluation.get("compute", {}),
             files=[],
             code_version=code_version(),
         )

@@ -1,0 +1,291 @@
+"""Preflight checks: what a run needs, checked before any compute, each failure one `LoramError`.
+
+Every check is cheap: it reads `config.json`, the safetensors headers (never the tensors), the
+tokenizer, and streams the corpus only until one block of each split is certain. Each message
+names the key or file, what is wrong with it and the fix, so the CLI can print it as one
+paragraph and exit 2 instead of failing with a traceback minutes into a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from loram_core.config import CorpusConfig
+from loram_core.errors import ConfigError, LoramError
+
+INDEX = "model.safetensors.index.json"
+# Stores that hold a published version: files, or object stores (the create-only manifest needs one).
+BUCKET_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
+
+
+def check_base(path: Path) -> PretrainedConfig:
+    """Check a base checkpoint directory: its config and its weights (headers only).
+
+    Args:
+        path: the directory `base.source` names.
+
+    Returns:
+        The model's config.
+
+    Raises:
+        LoramError: naming the file that is missing, unreadable, truncated or inconsistent.
+    """
+    from transformers import AutoConfig
+
+    from loram_core.models import family_of, load_config
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        load_config(path)  # raises the error that names the fix
+    try:
+        json.loads(config_file.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise LoramError(
+            f"base.source={str(path)!r}: {config_file} is not valid JSON ({err}); restore it from the "
+            "original checkpoint (model.config.save_pretrained writes it)."
+        ) from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise LoramError(
+            f"base.source={str(path)!r}: transformers cannot read {config_file}: {err}"
+        ) from None
+    family_of(config)  # an unsupported model_type names the supported families
+    check_weights(path)
+    return config
+
+
+def safetensors_header(file: Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, checked against the file's size.
+
+    Reads the 8-byte header length and the JSON header only. A file is complete when its data
+    section is exactly as long as the largest tensor end offset the header declares.
+
+    Returns:
+        `{tensor name: {"dtype", "shape", "data_offsets"}}` (the `__metadata__` entry left out).
+
+    Raises:
+        LoramError: the file is truncated, or its header is not a safetensors header.
+    """
+    size = file.stat().st_size
+    fix = "copy or convert the checkpoint again (a download or copy was probably cut short)"
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            raise LoramError(
+                f"{file} is truncated or not a safetensors file ({size} bytes, too short for its header); {fix}."
+            )
+        try:
+            header = json.loads(fh.read(n))
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise LoramError(f"{file} has no valid safetensors header; {fix}.") from None
+    data = size - 8 - n
+    if end != data:
+        raise LoramError(
+            f"{file} is truncated or corrupt: its header declares {end:,} bytes of tensor data, the file "
+            f"holds {data:,}; {fix}."
+        )
+    return tensors
+
+
+def check_weights(path: Path) -> None:
+    """Check the checkpoint's safetensors files (and index, if sharded) without reading tensors.
+
+    Raises:
+        LoramError: no weights, an unreadable index, a shard it names missing or lacking a
+            tensor, or a truncated file.
+    """
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards: dict[str, list[str]] = {}
+            for name, shard in weight_map.items():
+                shards.setdefault(shard, []).append(name)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LoramError(
+                f"{index} is not a safetensors index (a JSON object with a `weight_map`): {err!r}; "
+                "restore it from the original checkpoint."
+            ) from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise LoramError(
+                f"{index} names shards that are not in {str(path)!r}: {', '.join(missing)}; copy them "
+                "there (or the whole checkpoint again)."
+            )
+        for shard, names in shards.items():
+            absent = sorted(set(names) - set(safetensors_header(path / shard)))
+            if absent:
+                raise LoramError(
+                    f"{path / shard} lacks {len(absent)} tensors that {index.name} puts there "
+                    f"(e.g. {absent[0]!r}); copy the checkpoint again."
+                )
+        return
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoramError(
+            f"base.source={str(path)!r} has no *.safetensors weights; convert the checkpoint to safetensors."
+        )
+    for file in files:
+        safetensors_header(file)
+
+
+def check_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """Load the checkpoint's tokenizer (the corpus is tokenized with it).
+
+    Raises:
+        LoramError: there is none, or it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LoramError(
+            f"base.source={str(path)!r} has no usable tokenizer ({str(err).splitlines()[0]}); save it beside "
+            "the weights with tokenizer.save_pretrained(DIR)."
+        ) from None
+
+
+def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
+    """The documents `data.read_documents` would read from one file, streamed (nothing cached)."""
+    from datasets import load_dataset
+    from datasets.utils import logging as ds_logging
+
+    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity_error()  # its reader logs a parse error before raising it: say it once
+    try:
+        ds = load_dataset(fmt, data_files=[file], split="train", streaming=True, **kwargs)
+        for i, record in enumerate(ds):
+            if i == 0 and text_field not in record:
+                raise ConfigError(
+                    f"corpus.text_field={text_field!r} is not a field of {file!r}; its fields are "
+                    f"{sorted(record)}. Set corpus.text_field to the one holding the text."
+                )
+            text = record[text_field]
+            if text and text.strip():
+                yield text
+    except LoramError:
+        raise
+    except Exception as err:  # a parse error of the user's file, whatever the reader (arrow, json)
+        reason = str(err).splitlines()[0] if str(err) else repr(err)
+        raise LoramError(
+            f"cannot read corpus file {file!r} as {fmt}: {reason}; fix the file or set corpus.format."
+        ) from None
+    finally:
+        ds_logging.set_verbosity(verbosity)
+
+
+def check_corpus(cfg: CorpusConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Check that the corpus files exist, are readable, and hold one block of each split.
+
+    The documents are streamed, split by content hash exactly as `data.make_blocks` splits them,
+    and counted until the training and the held-out split each hold at least `corpus.seq_len`
+    tokens (EOS after each document included); usually a few documents suffice. Without a
+    tokenizer (the demo base, not built yet) UTF-8 bytes bound the count from above, which holds
+    for the demo's byte-level BPE: then only a corpus certainly too small is refused.
+
+    Raises:
+        LoramError: no file, only empty files, an unreadable file, a missing `text_field`, no
+            held-out document, or too few tokens for one block of a split.
+    """
+    from loram_core.data import _format_of, is_heldout, resolve_files
+
+    files = resolve_files(cfg, cache_dir)
+    fmt = _format_of(files, cfg.format)
+    nonempty = [f for f in files if os.path.getsize(f) > 0]
+    if not nonempty:
+        raise ConfigError(
+            f"corpus.paths={cfg.paths} matches only empty files ({', '.join(files[:3])}"
+            f"{', ...' if len(files) > 3 else ''}); point it at files that hold text."
+        )
+    tokens = {False: 0, True: 0}  # per split: held out?
+    docs = {False: 0, True: 0}
+    for file in nonempty:
+        for doc in _documents(file, fmt, cfg.text_field):
+            held = is_heldout(doc, cfg.heldout_fraction)
+            n = len(tokenizer(doc, add_special_tokens=False)["input_ids"]) if tokenizer else len(doc.encode())
+            tokens[held] += n + 1
+            docs[held] += 1
+            if min(tokens.values()) >= cfg.seq_len:
+                return
+    total = docs[False] + docs[True]
+    if total == 0:
+        raise ConfigError(
+            f"corpus.paths={cfg.paths} holds no text (only blank {fmt} records in {len(files)} files); "
+            "point it at files that hold text."
+        )
+    if docs[True] == 0:
+        raise ConfigError(
+            f"corpus.heldout_fraction={cfg.heldout_fraction} holds out none of the {total} documents of "
+            f"corpus.paths={cfg.paths}; raise it or add documents."
+        )
+    unit = "tokens" if tokenizer else "bytes (an upper bound on tokens)"
+    held = tokens[False] >= cfg.seq_len  # the split that falls short
+    raise ConfigError(
+        f"the corpus's {'held-out' if held else 'training'} split holds {tokens[held]} {unit}, fewer than one block of "
+        f"corpus.seq_len={cfg.seq_len} ({docs[False]} training and {docs[True]} held-out documents); "
+        "add text or lower corpus.seq_len."
+    )
+
+
+def check_writable(path: str | Path, key: str, value: str | None = None) -> None:
+    """Check that a directory exists and is writable, or could be created (nothing is created).
+
+    Args:
+        path: the directory.
+        key: the config key that names it, for the message.
+        value: the key's value as the user wrote it, when it differs from `path` (a URI).
+
+    Raises:
+        LoramError: the path, or the nearest existing folder above it, is a file or not writable.
+    """
+    target = Path(path).expanduser().absolute()
+    value = str(path) if value is None else value
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"cannot be created: {existing} is a file"
+        raise LoramError(f"{key}={value!r} {what}; point it at a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LoramError(
+            f"{key}={value!r} is not writable ({existing} denies writing to this user); "
+            "point it at a writable directory or fix its permissions."
+        )
+
+
+def check_bucket(uri: str) -> None:
+    """Check a publish URI: a bucket protocol fsspec can open, and writable when local.
+
+    Refused before any connection is tried: protocols that are no bucket (`ftp://`, `http://`,
+    `ssh://`...), unknown protocols, and object stores whose fsspec package is not installed.
+
+    Raises:
+        LoramError: naming the URI and the protocols that work.
+    """
+    from fsspec.core import split_protocol
+    from fsspec.registry import known_implementations, registry
+
+    from loram_core.storage import bucket_fs
+
+    protocol = split_protocol(uri)[0] or "file"
+    use = "Use file://PATH or s3://BUCKET/PREFIX (gs://, az:// with gcsfs or adlfs installed)."
+    if "::" in uri:
+        raise LoramError(f"publish.uri={uri!r}: a chained fsspec URL (A::B) is not a bucket. {use}")
+    if protocol not in BUCKET_PROTOCOLS:
+        known = protocol in known_implementations or protocol in registry
+        what = "is known to fsspec but is not a bucket" if known else "is not a protocol fsspec knows"
+        raise LoramError(f"publish.uri={uri!r}: {protocol}:// {what}. {use}")
+    fs, root = bucket_fs(uri)
+    if protocol in ("file", "local"):
+        check_writable(root, "publish.uri", uri)
