@@ -37,6 +37,59 @@ def test_run_rejects_bad_input_before_any_work(tmp_path: Path, override: str, ex
     assert not (tmp_path / "w").exists()  # nothing started
 
 
+@pytest.fixture(scope="module")
+def user_inputs(tmp_path_factory) -> Path:
+    """A tiny checkpoint with tokenizer and a text corpus, as a user would bring them."""
+    from tests.conftest import tiny_model, tiny_tokenizer
+    from tests.loram_core.test_checks import write_corpus
+
+    root = tmp_path_factory.mktemp("inputs")
+    tiny_model(num_hidden_layers=4).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    write_corpus(root / "corpus.txt")
+    return root
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:-4096])
+    return path
+
+
+# Inputs that used to end in a traceback minutes into a run; each (setup, overrides, message).
+BAD_INPUTS = {
+    "empty corpus": (lambda d: (d / "empty.txt").write_text(""), ["corpus.paths=[{d}/empty.txt]"],
+                     "corpus.paths=['{d}/empty.txt'] matches only empty files"),
+    "truncated weights": (lambda d: _truncate(d / "base" / "model.safetensors"), [],
+                          "{d}/base/model.safetensors is truncated or corrupt"),
+    "ftp bucket": (None, ["publish.uri=ftp://example.invalid/models"],
+                   "publish.uri='ftp://example.invalid/models': ftp:// is known to fsspec but is not a bucket"),
+    "missing text field": (None, ["corpus.format=json", "corpus.paths=[{d}/rows.jsonl]"],
+                           "corpus.text_field='text' is not a field of '{d}/rows.jsonl'"),
+    "corpus under one block": (None, ["corpus.seq_len=1000000"], "fewer than one block of corpus.seq_len=1000000"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_run_refuses_bad_user_files_before_any_work(user_inputs: Path, tmp_path: Path, case: str) -> None:
+    import shutil
+
+    d = tmp_path / "in"
+    shutil.copytree(user_inputs, d)
+    (d / "rows.jsonl").write_text('{"body": "a b c"}\n')
+    setup, overrides, expected = BAD_INPUTS[case]
+    if setup is not None:
+        setup(d)
+    args = [f"base.source={d / 'base'}", f"corpus.paths=[{d / 'corpus.txt'}]", "prune.keep_first=1",
+            "prune.keep_last=1", f"publish.uri=file://{tmp_path / 'bucket'}"]  # fmt: skip
+    args += [o.format(d=d) for o in overrides] + [f"workdir={tmp_path / 'w'}"]
+    result = loram("run", str(REPO / "configs" / "demo.yaml"), *args)
+    assert result.returncode == 2, result.stderr
+    assert expected.format(d=d) in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) <= 6  # one paragraph (wrapped), no stack
+    assert not (tmp_path / "w").exists() and not (tmp_path / "bucket").exists()  # nothing started
+
+
 def test_plan_json_reproduces_the_13b_figure() -> None:
     result = loram("plan", str(FIXTURE), "--strategy", "structured", "--ratio", "0.65", "--json")
     assert result.returncode == 0, result.stderr
