@@ -60,6 +60,8 @@ def run(
                 bars[name] = bar.add_task(name, total=total, info="")
             what = event.get("what", name)  # the phase within a step (e.g. taylor, then prune)
             info = f"loss {event['loss']:.3f}" if "loss" in event else ("" if what == name else what)
+            if "tokens_per_s" in event:
+                info += f" {_progress.throughput(event)}"
             bar.update(bars[name], completed=done, total=total, info=info)
 
         _progress.LISTENERS.append(listen)
@@ -186,11 +188,23 @@ def _base_model_config(pipeline):
 
 @app.command()
 def recover(
-    base: Annotated[str, typer.Option(help="published version (dir or file://, s3:// URI) or pruned checkpoint with masks/")],
+    base: Annotated[
+        str,
+        typer.Option(help="published version (dir or file://, s3:// URI) or pruned checkpoint with masks/"),
+    ],
     adapter: Annotated[Path, typer.Option(help="peft LoRA adapter trained on the base")],
-    out: Annotated[Path, typer.Option(help="directory to write the recovered adapter (or merged model) into")],
-    mode: Annotated[str, typer.Option(help="auto | zeroA | normA (structured) | dense | mask | complement (sparse)")] = "auto",
-    original: Annotated[Optional[str], typer.Option(help="original checkpoint dir (or hub id): named in the adapter, used for shapes; mask/complement merge into it")] = None,  # noqa: UP045
+    out: Annotated[
+        Path, typer.Option(help="directory to write the recovered adapter (or merged model) into")
+    ],
+    mode: Annotated[
+        str, typer.Option(help="auto | zeroA | normA (structured) | dense | mask | complement (sparse)")
+    ] = "auto",
+    original: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="original checkpoint dir (or hub id): named in the adapter, used for shapes; mask/complement merge into it"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of normA's draws")] = 0,
     dtype: Annotated[str, typer.Option(help="merged checkpoint dtype (mask, complement)")] = "bfloat16",
 ) -> None:
@@ -214,7 +228,9 @@ def recover(
 @app.command()
 def merge(
     original: Annotated[Path, typer.Option(help="original checkpoint dir (16/32-bit or bitsandbytes NF4)")],
-    adapter: Annotated[Path, typer.Option(help="peft LoRA adapter for the original (e.g. from `loram recover`)")],
+    adapter: Annotated[
+        Path, typer.Option(help="peft LoRA adapter for the original (e.g. from `loram recover`)")
+    ],
     out: Annotated[Path, typer.Option(help="directory to write the merged checkpoint into")],
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
 ) -> None:

@@ -21,6 +21,16 @@ CURVE_EVERY_S = 30.0
 LISTENERS: list[Callable[[str, int, int, dict], None]] = []
 
 
+def throughput(event: dict) -> str:
+    """`12,345 tokens/s, MFU 41.2%` from a training progress event ('' when it has neither)."""
+    parts = []
+    if "tokens_per_s" in event:
+        parts.append(f"{event['tokens_per_s']:,.0f} tokens/s")
+    if event.get("mfu") is not None:
+        parts.append(f"MFU {100 * event['mfu']:.1f}%")
+    return ", ".join(parts)
+
+
 def loss_markdown(title: str, losses: list[tuple[int, float]]) -> str:
     """A loss-curve image (inline PNG, which the Prefect UI renders) and the loss table."""
     table = "\n".join(f"| {s} | {loss:.4f} |" for s, loss in losses)
@@ -63,7 +73,7 @@ class StepProgress:
             self.losses.append((done, event["loss"]))
             due = pct - self.last_curve_pct >= 10.0 or time.monotonic() - self.last_curve_t >= CURVE_EVERY_S
             if self.curve is None or due or done == total:
-                self._publish_curve(f"{self.description}: loss, step {done}/{total}")
+                self._publish_curve(f"{self.description}: loss, step {done}/{total}", throughput(event))
                 self.last_curve_pct, self.last_curve_t = pct, time.monotonic()
         details = " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -74,8 +84,8 @@ class StepProgress:
         for listener in LISTENERS:
             listener(self.name, done, total, event)
 
-    def _publish_curve(self, title: str) -> None:
-        markdown = loss_markdown(title, self.losses)
+    def _publish_curve(self, title: str, note: str = "") -> None:
+        markdown = loss_markdown(title, self.losses) + (f"\n{note}\n" if note else "")
         if self.curve is None:
             self.curve = create_markdown_artifact(
                 key=self.curve_key, markdown=markdown, description=f"Loss curve of {self.name}"
