@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,17 @@ def test_flow_publishes_a_verified_version(
     assert result["uri"].endswith("/demo-llama/v1") and manifest.version == "v1"
     paths = {f.path for f in manifest.files}
     assert {"model/config.json", "masks/masks.safetensors", "README.md", "model-nf4/config.json"} <= paths
+    # Plumbing only: on this 3-layer base pruning moves perplexity by less than the spread between
+    # machines (158.14 -> 158.22 -> 158.32 on one, the other order on another), so no ordering is
+    # asserted here; tests/loram_core/test_quality_demo.py asserts it on the demo's pretrained base.
     m = manifest.metrics
-    assert m["original_ppl"] < m["pruned_ppl"] and m["aligned_ppl"] < m["pruned_ppl"]
+    for key in ("original_ppl", "pruned_ppl", "aligned_ppl", "aligned_nf4_ppl"):
+        assert math.isfinite(m[key]) and 1.0 < m[key] < 512, (key, m[key])  # below uniform over the vocab
+    assert m["heldout_tokens"] == 8 * 64
     assert manifest.params["pruned_params"] < manifest.params["original_params"]
+    a = cfg.align
+    assert manifest.align["tokens_seen"] == a.steps * a.batch_size * a.grad_accum * cfg.corpus.seq_len
+    assert math.isfinite(manifest.align["final_loss"])
     assert manifest.prune["strategy"] == strategy and manifest.base["fingerprint"]
     card = (tmp_path / "bucket" / "demo-llama" / "v1" / "README.md").read_text()
     assert "aligned_ppl" in card and strategy in card

@@ -132,7 +132,9 @@ def test_taylor_scores_are_the_same_with_gradient_checkpointing(estimator: str) 
         ("llama", "param_mix", {"num_key_value_heads": 4}),  # plain multi-head
     ],
 )
-def test_streamed_taylor_scores_equal_the_whole_model_backward(tmp_path, family, estimator, overrides) -> None:
+def test_streamed_taylor_scores_equal_the_whole_model_backward(
+    tmp_path, family, estimator, overrides
+) -> None:
     from loram_core.prune.structured import taylor_group_scores, taylor_group_scores_streamed
 
     model = tiny_model(family, num_hidden_layers=4, **overrides)
@@ -150,7 +152,9 @@ def test_streamed_taylor_scores_equal_the_whole_model_backward(tmp_path, family,
     assert events[-1] == ("taylor", 7, 7)  # 4 layers forward, layers 3..1 backward
 
 
-def test_structured_prune_is_the_same_streamed_or_whole_and_refuses_offloaded_scoring(tiny_checkpoint, tmp_path) -> None:
+def test_structured_prune_is_the_same_streamed_or_whole_and_refuses_offloaded_scoring(
+    tiny_checkpoint, tmp_path
+) -> None:
     from loram_core.errors import ConfigError
 
     cfg = PruneConfig(strategy="structured", ratio=0.5, keep_first=1, keep_last=1, calib_samples=4)
@@ -160,11 +164,15 @@ def test_structured_prune_is_the_same_streamed_or_whole_and_refuses_offloaded_sc
     # One progress for the whole prune: 4 layers forward + 3 backward scored, then 4 cut.
     assert [done for _, done, _ in events] == list(range(1, 12)) and {t for *_, t in events} == {11}
     assert events[6][0] == "taylor" and events[-1] == ("prune", 11, 11)
-    whole = prune_checkpoint(tiny_checkpoint, tmp_path / "w", cfg.model_copy(update={"device_map": "cpu"}), calib)
+    whole = prune_checkpoint(
+        tiny_checkpoint, tmp_path / "w", cfg.model_copy(update={"device_map": "cpu"}), calib
+    )
     for i in (1, 2):
         assert torch.equal(streamed.kept_channels[i], whole.kept_channels[i])
         assert torch.equal(streamed.kept_kv_heads[i], whole.kept_kv_heads[i])
     offload = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     offload.update({f"model.layers.{i}": "disk" if i == 2 else "cpu" for i in range(4)})
     with pytest.raises(ConfigError, match="offloads part of the model"):
-        prune_checkpoint(tiny_checkpoint, tmp_path / "o", cfg.model_copy(update={"device_map": offload}), calib)
+        prune_checkpoint(
+            tiny_checkpoint, tmp_path / "o", cfg.model_copy(update={"device_map": offload}), calib
+        )
