@@ -35,6 +35,8 @@ def test_loss_goes_down_and_lm_head_stays_frozen() -> None:
     model = tiny_model()
     head = model.lm_head.weight.detach().clone()
     result = train_causal_lm(model, _blocks(), _cfg(steps=40, lr=1e-2))
+    # Measured: last/first 0.735-0.743 over model seeds 0-2 (identical at 1 and 2 threads); 0.8
+    # leaves 7x the seed-to-seed spread, a far larger perturbation than another machine's rounding.
     assert result.losses[-1][1] < 0.8 * result.losses[0][1]
     assert torch.equal(model.lm_head.weight, head)
     assert result.tokens == 40 * 4 * 32 and result.tokens_per_second > 0

@@ -30,6 +30,8 @@ def test_sparsegpt_unstructured_hits_ratio_and_beats_magnitude_and_wanda() -> No
     assert torch.all(w_s[~keep] == 0)
     w_m, _ = magnitude(w, 0.5)
     w_w, _ = wanda(w, h, 0.5)
+    # Measured over problem seeds 0-3 (identical at 1 and 2 threads): SparseGPT/Wanda error 0.56-0.63,
+    # Wanda/magnitude 0.24-0.35; the 0.8 bounds are far from both.
     assert _err(w, w_s, x) < 0.8 * _err(w, w_w, x) < 0.8 * _err(w, w_m, x)
 
 
@@ -43,6 +45,7 @@ def test_two_four_pattern_holds_in_every_group() -> None:
         w2, keep = solver()
         assert torch.all(keep.view(64, 64, 4).sum(-1) == 2)
         assert torch.all(w2[~keep] == 0)
+    # SparseGPT/magnitude error at 2:4: 0.20-0.28 over problem seeds 0-3.
     assert _err(w, sparsegpt(w, h, 0.5, n_m=(2, 4))[0], x) < _err(w, magnitude(w, 0.5, (2, 4))[0], x)
 
 
