@@ -48,6 +48,15 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def pinned_threads():
+    """One torch thread for the test: quality numbers then do not depend on OMP_NUM_THREADS or cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_base() -> Path:
     """The demo's pretrained base model (built once per machine, then cached; a few minutes)."""
