@@ -60,7 +60,7 @@ def child(threads: int, align_steps: int, base_dir: str | None = None) -> dict[s
     from loram_core.prune import prune_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
-    overrides = [f"workdir={work}", f"align.steps={align_steps}"] + (
+    overrides = [f"workdir={work}", f"align.steps={max(1, align_steps)}"] + (
         [f"base.source={base_dir}"] if base_dir else []
     )
     cfg = load_config(REPO / "configs" / "demo.yaml", overrides)
@@ -72,10 +72,11 @@ def child(threads: int, align_steps: int, base_dir: str | None = None) -> dict[s
         out = work / name.replace(" ", "-").replace(":", "_").replace("%", "")
         prune_checkpoint(base, out, PruneConfig(calib_samples=32, **fields), blocks.train[:32])
         ppl[name] = perplexity(load_model(out), blocks.heldout)
-    pruned = steps.prune(cfg, base, blocks_file)
-    aligned = steps.align(cfg, pruned, blocks_file)
-    ppl["pruned (demo recipe)"] = perplexity(load_model(pruned), blocks.heldout)
-    ppl["aligned"] = perplexity(load_model(aligned), blocks.heldout)
+    if align_steps:
+        pruned = steps.prune(cfg, base, blocks_file)
+        aligned = steps.align(cfg, pruned, blocks_file)
+        ppl["pruned (demo recipe)"] = perplexity(load_model(pruned), blocks.heldout)
+        ppl["aligned"] = perplexity(load_model(aligned), blocks.heldout)
     return ppl
 
 
@@ -91,7 +92,7 @@ def report(
         "Made by `bench/bench_quality.py`; re-run it to refresh this file:",
         "",
         "```",
-        "nice -n 10 .venv/bin/python bench/bench_quality.py",
+        " ".join(["nice -n 10 .venv/bin/python bench/bench_quality.py", *sys.argv[1:]]),
         "```",
         "",
         f"- machine: {os.cpu_count()} CPU cores ({platform.machine()}), one fresh process per thread count; "
@@ -99,7 +100,8 @@ def report(
         f"- model: {f'`{base}` (demo shape and tokenizer)' if base else 'the demo pretrained base'} "
         "(`configs/demo.yaml`), held-out ppl over its 32 held-out blocks "
         "of 128 tokens; pruning settings calibrated on the first 32 training blocks; the demo recipe is "
-        f"random structured 0.65 on layers 1-4, then {align_steps} alignment steps.",
+        f"random structured 0.65 on layers 1-4, then {align_steps} alignment steps"
+        + (" (not run)." if not align_steps else "."),
         "",
         "| setting | " + " | ".join(f"{t} thread{'s' if t > 1 else ''}" for t in threads) + " | spread |",
         "|---|" + "---:|" * (len(threads) + 1),
@@ -118,13 +120,15 @@ def report(
         "|---|---|---:|---:|",
     ]
     for better, worse in ORDERINGS:
+        if worse not in runs[threads[0]]:
+            continue
         gap = min(runs[t][worse] / runs[t][better] - 1 for t in threads)
         spread = max(
             (max(runs[t][n] for t in threads) - min(runs[t][n] for t in threads))
             / min(runs[t][n] for t in threads)
             for n in (better, worse)
         )
-        lines.append(f"| {better} | {worse} | {100 * gap:+.2f}% | {100 * spread:.3f}% |")
+        lines.append(f"| {better} | {worse} | {100 * gap:+.2f}% | {100 * spread:.5f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument(
-        "--align-steps", type=int, default=200, help="the demo's (and the slow test's) alignment steps"
+        "--align-steps",
+        type=int,
+        default=200,
+        help="the demo's (and the slow test's) alignment steps; 0: pruning only",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "QUALITY.md")
     parser.add_argument(

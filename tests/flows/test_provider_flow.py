@@ -75,7 +75,7 @@ def test_flow_publishes_a_verified_version(
     assert {"model/config.json", "masks/masks.safetensors", "README.md", "model-nf4/config.json"} <= paths
     # Plumbing only: on this 3-layer base pruning moves perplexity by less than the spread between
     # machines (158.14 -> 158.22 -> 158.32 on one, the other order on another), so no ordering is
-    # asserted here; tests/loram_core/test_quality_demo.py asserts it on the demo's pretrained base.
+    # asserted here; tests/loram_core/test_steps.py asserts it on the demo's pretrained base.
     m = manifest.metrics
     for key in ("original_ppl", "pruned_ppl", "aligned_ppl", "aligned_nf4_ppl"):
         assert math.isfinite(m[key]) and 1.0 < m[key] < 512, (key, m[key])  # below uniform over the vocab
