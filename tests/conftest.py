@@ -29,7 +29,8 @@ def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | Qwen2Config
     return (Qwen2Config if family == "qwen2" else LlamaConfig)(**kwargs)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> LlamaForCausalLM | Qwen2ForCausalLM:
+    """A seeded, untrained tiny model of `tiny_config` (Qwen2 biases made non-zero), in eval mode."""
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     model = (Qwen2ForCausalLM if family == "qwen2" else LlamaForCausalLM)(config)
@@ -43,6 +44,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A 4-layer tiny model saved with save_pretrained (weights and config, no tokenizer)."""
     path = tmp_path / "base"
     tiny_model(num_hidden_layers=4).save_pretrained(path)
     return path
@@ -68,7 +70,7 @@ def demo_base() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_blocks(demo_base: Path, tmp_path_factory):
+def demo_blocks(demo_base: Path, tmp_path_factory: pytest.TempPathFactory):
     """The demo corpus packed with the demo tokenizer: (train, heldout) int32 blocks."""
     from loram_core import steps
     from loram_core.config import load_config
