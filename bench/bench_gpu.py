@@ -54,7 +54,8 @@ def build_base(shape: str, out: Path, device: torch.device) -> Path:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="2GB")
     del model
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

@@ -12,6 +12,7 @@ Two ways to choose what stays: `random` (seeded, LoRAM-Rand) and first-order Tay
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -285,7 +286,7 @@ def taylor_group_scores_streamed(
 @torch.no_grad()
 def _forward_saving_inputs(
     stream: StreamedModel, hidden: list[torch.Tensor], kwargs: list[dict], first_saved: int, spill: Path,
-    trim, tick,
+    trim: Callable[[], None], tick: Callable[[], None],
 ) -> list[torch.Tensor]:  # fmt: skip
     """Run every layer on the calibration batches; save the inputs of layers `>= first_saved` to `spill`."""
     n_layers = len(stream.layers)
@@ -321,7 +322,7 @@ def _head_gradients(
 
 def _backward_scoring(
     stream: StreamedModel, layers: range, kwargs: list[dict], grads: list[torch.Tensor], estimator: str,
-    spill: Path, trim, tick,
+    spill: Path, trim: Callable[[], None], tick: Callable[[], None],
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
     """Backpropagate from the top layer down to `layers.start`, scoring each layer in `layers` (on the CPU)."""
     config, family = stream.config, stream.family
