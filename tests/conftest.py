@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's flow runs (in-process and `loram` subprocesses) use their own Prefect home, so they neither
+# read nor lock the user's ~/.prefect database, and two suites on one machine do not share one.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="loram-tests-prefect-"))
 REPO = Path(__file__).resolve().parents[1]
 
 
