@@ -124,8 +124,8 @@ class PruneConfig(_Section):
     calib_samples: int | None = Field(
         32,
         ge=1,
-        description="Deprecated alias of `calibration.samples` (when set in a pipeline config it sets that "
-        "key; the pipeline keeps both equal). Outside a pipeline: how many of the given blocks are used.",
+        description="Deprecated alias of `calibration.samples`: when set in a pipeline config it decides that "
+        "key (the pipeline keeps both equal). Outside a pipeline: how many of the given blocks are used.",
     )
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
@@ -203,8 +203,8 @@ class EvalConfig(_Section):
         None,
         gt=0,
         lt=1,
-        description="Share of the corpus's tokens held out of training (whole documents, taken in the order "
-        "of their content hash until the share is reached); unset: corpus.heldout_fraction, a share of documents.",
+        description="Share of the corpus's tokens held out of training: whole documents in the order of their "
+        "content hash, each while it fits in the share; unset: corpus.heldout_fraction, a share of documents.",
     )
     blocks: int | None = Field(None, ge=1, description="Blocks scored; unset: corpus.eval_blocks.")
     seq_len: int | None = Field(None, ge=16, description="Tokens per block; unset: corpus.seq_len.")
@@ -318,15 +318,11 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _calib_samples_alias(self) -> PipelineConfig:
-        # `prune.calib_samples` predates the calibration section: set, it still decides; the two are
-        # kept equal so that a dumped config validates again unchanged.
+        # `prune.calib_samples` predates the calibration section: set, it still decides (so configs and
+        # overrides written for it keep their meaning); the two are then kept equal, so that a dumped
+        # config validates again unchanged.
         old = self.prune.calib_samples if "calib_samples" in self.prune.model_fields_set else None
         if old is not None and old != self.calibration.samples:
-            if "samples" in self.calibration.model_fields_set:
-                raise ValueError(
-                    f"prune.calib_samples={old} (deprecated) and calibration.samples={self.calibration.samples} "
-                    "disagree; keep calibration.samples only"
-                )
             self.calibration.samples = old
         if self.prune.calib_samples != self.calibration.samples:
             self.prune.calib_samples = self.calibration.samples
@@ -374,7 +370,7 @@ def _paths_or(value: Any, word: str, key: str) -> Any:
 def _parse_value(raw: str) -> Any:
     # YAML scalars give the natural types: 0.5 -> float, true -> bool, [2, 4] -> list, x -> str.
     # YAML 1.1 reads `2:4` as the base-60 integer 124; on the command line that is never what is meant.
-    if re.fullmatch(r"\s*\d+(:\d+)+\s*", raw):
+    if re.fullmatch(r"\s*\d+(\s*:\s*\d+)+\s*", raw):
         return raw.strip()
     try:
         return yaml.safe_load(raw)

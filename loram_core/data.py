@@ -179,12 +179,14 @@ def _hash_rank(doc: str) -> int:
 
 
 def heldout_by_tokens(docs: list[str], token_counts: list[int], fraction: float) -> list[bool]:
-    """Hold out whole documents, in the order of their content hash, until `fraction` of the tokens.
+    """Hold out whole documents, in the order of their content hash, up to `fraction` of the tokens.
 
-    The held-out split is the shortest prefix of the documents ranked by content hash that holds at
-    least `fraction` of all tokens (identical documents fall on the same side), so its share of the
-    tokens is `fraction` up to one document, however unequal the documents' lengths are. Which
-    documents it takes depends on the text alone, not on the order of the files.
+    Documents are visited in the order of their content hash and each is held out if it still fits
+    in the share (identical documents count as one, so they fall on the same side). The held-out
+    split therefore holds at most `fraction` of the tokens, and all but a sliver of it when the
+    documents are small next to the share, however unequal their lengths: one long document can no
+    longer take a quarter of the corpus. If no document fits, the first in hash order is held out.
+    Which documents it takes depends on the texts alone, not on the order of the files.
 
     Args:
         docs: the documents.
@@ -195,14 +197,19 @@ def heldout_by_tokens(docs: list[str], token_counts: list[int], fraction: float)
         one flag per document: held out?
     """
     ranks = [_hash_rank(d) for d in docs]
-    target = fraction * sum(token_counts)
-    held, cut = 0, -1
-    for i in sorted(range(len(docs)), key=ranks.__getitem__):
-        if held >= target and ranks[i] != cut:
-            break
-        held += token_counts[i]
-        cut = ranks[i]
-    return [r <= cut for r in ranks]
+    sizes: dict[int, int] = {}
+    for rank, n in zip(ranks, token_counts, strict=True):
+        sizes[rank] = sizes.get(rank, 0) + n
+    budget = fraction * sum(token_counts)
+    taken: set[int] = set()
+    held = 0
+    for rank in sorted(sizes):
+        if held + sizes[rank] <= budget:
+            taken.add(rank)
+            held += sizes[rank]
+    if not taken and sizes:
+        taken.add(min(sizes))
+    return [r in taken for r in ranks]
 
 
 @dataclass
