@@ -155,7 +155,7 @@ def check_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         ) from None
 
 
-def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
+def _documents(file: str, fmt: str, text_field: str, section: str = "corpus") -> Iterator[str]:
     """The documents `data.read_documents` would read from one file, streamed (nothing cached)."""
     from datasets import load_dataset
     from datasets.utils import logging as ds_logging
@@ -168,8 +168,8 @@ def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
         for i, record in enumerate(ds):
             if i == 0 and text_field not in record:
                 raise ConfigError(
-                    f"corpus.text_field={text_field!r} is not a field of {file!r}; its fields are "
-                    f"{sorted(record)}. Set corpus.text_field to the one holding the text."
+                    f"{section}.text_field={text_field!r} is not a field of {file!r}; its fields are "
+                    f"{sorted(record)}. Set {section}.text_field to the one holding the text."
                 )
             text = record[text_field]
             if text and text.strip():
@@ -179,7 +179,7 @@ def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
     except Exception as err:  # a parse error of the user's file, whatever the reader (arrow, json)
         reason = str(err).splitlines()[0] if str(err) else repr(err)
         raise LoramError(
-            f"cannot read corpus file {file!r} as {fmt}: {reason}; fix the file or set corpus.format."
+            f"cannot read {section} file {file!r} as {fmt}: {reason}; fix the file or set {section}.format."
         ) from None
     finally:
         ds_logging.set_verbosity(verbosity)
@@ -340,6 +340,6 @@ def check_text_files(patterns: list[str], fmt: str, text_field: str, cache_dir: 
         raise ConfigError(f"{key}={patterns} matches only empty files; point it at files that hold text.")
     fmt = _format_of(nonempty, fmt)
     for file in nonempty:
-        for _ in _documents(file, fmt, text_field):
+        for _ in _documents(file, fmt, text_field, key.split(".")[0]):
             return
     raise ConfigError(f"{key}={patterns} holds no text; point it at files that hold text.")

@@ -191,3 +191,12 @@ def test_size_summary_of_a_sparse_checkpoint_says_what_is_stored(tmp_path: Path)
     assert rows["stored parameters (original shapes, zeros stored)"] == total
     dense = dict(size_rows(size_summary(plan, tmp_path / "m", sparse=False)))
     assert "non-zero weights" not in dense and "reduction with a sparse kernel only" not in dense
+
+
+def test_preflight_names_the_calibration_text_field(user_run, tmp_path: Path) -> None:
+    (tmp_path / "c.jsonl").write_text('{"body": "a b c"}\n')
+    cfg, _, _ = user_run(f"calibration.source={tmp_path / 'c.jsonl'}")
+    with pytest.raises(
+        ConfigError, match=r"calibration.text_field='text' is not a field of .*Set calibration.text_field"
+    ):
+        steps.preflight(cfg)
