@@ -42,7 +42,7 @@ from loram_core.models import load_config, load_model
 from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
 from loram_core.quantize import quantize_checkpoint
 from loram_core.sizes import size_summary
-from loram_core.sources import calibration_blocks, eval_blocks, heldout_rule
+from loram_core.sources import TextBlocks, calibration_blocks, eval_blocks, heldout_rule
 
 Progress = Callable[[dict], None]
 
@@ -159,7 +159,9 @@ def corpus_info(blocks_file: str) -> dict:
     return json.loads((Path(blocks_file).parent / "corpus.json").read_text())
 
 
-def _text_blocks(cfg: PipelineConfig, name: str, make, base_dir: str, blocks_file: str) -> str:
+def _text_blocks(
+    cfg: PipelineConfig, name: str, make: Callable[..., TextBlocks], base_dir: str, blocks_file: str
+) -> str:
     """Cache the blocks `make(cfg, tokenizer, blocks_file)` returns as `<name>.safetensors` + `<name>.json`."""
     section = getattr(cfg, name)
     key = {name: section.model_dump(), "corpus": blocks_file, "base": base_dir}
