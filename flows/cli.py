@@ -29,13 +29,28 @@ def _fail(err: Exception) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="YAML preset, e.g. configs/demo.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: prune.ratio=0.5")] = None,  # noqa: UP045
+    until: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="last model step: prune | align | quantize (the config's `until`); evaluate and publish follow"
+        ),
+    ] = None,
+    no_publish: Annotated[
+        bool,
+        typer.Option(
+            "--no-publish", help="write the version under <workdir>/local-bucket (publish.enabled=false)"
+        ),
+    ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
     from loram_core.config import load_config
     from loram_core.steps import preflight
 
+    flags = ([f"until={until}"] if until is not None else []) + (
+        ["publish.enabled=false"] if no_publish else []
+    )
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *flags])
         preflight(cfg)
     except LoramError as err:
         _fail(err)
@@ -89,25 +104,40 @@ def _quiet_libraries() -> None:
 
 
 def _print_summary(result: dict) -> None:
+    from loram_core.sizes import size_rows
+
     m, p = result["metrics"], result["params"]
     table = Table(title=f"published {result['uri']}")
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
-    table.add_column("parameters", justify="right")
+    table.add_column("stored parameters", justify="right")
+    stored = p.get("stored_params", p["pruned_params"])
     table.add_row("original", f"{m['original_ppl']:.2f}", f"{p['original_params']:,}")
-    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{p['pruned_params']:,}")
-    table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{p['pruned_params']:,}")
-    if "aligned_nf4_ppl" in m:
-        table.add_row("aligned, NF4", f"{m['aligned_nf4_ppl']:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
+    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{stored:,}")
+    if "aligned_ppl" in m:
+        table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{stored:,}")
+    for key, label in (("aligned_nf4_ppl", "aligned, NF4"), ("pruned_nf4_ppl", "pruned, NF4")):
+        if key in m:
+            table.add_row(label, f"{m[key]:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
     console.print(table)
     compute = result.get("compute") or {}
     if compute:
         console.print(f"computed on {compute['device']} ({compute.get('name', '')})", highlight=False)
-    recovered = m.get("recovered")
-    console.print(
-        f"reduction {p['reduction']:.2f}x; alignment recovered "
-        + (f"{100 * recovered:.0f}% of the pruning damage" if recovered is not None else "n/a")
-    )
+    sizes = Table(title="size", show_header=False)
+    sizes.add_column("quantity")
+    sizes.add_column("value", justify="right")
+    for label, value in size_rows(p):
+        shown = (
+            f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
+        )
+        sizes.add_row(label, shown)
+    console.print(sizes)
+    if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
+        recovered = m.get("recovered")
+        console.print(
+            "alignment recovered "
+            + (f"{100 * recovered:.0f}% of the pruning damage" if recovered is not None else "n/a")
+        )
 
 
 @app.command()

@@ -22,8 +22,9 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
     base = t.prepare_base(cfg)
     corpus = t.prepare_corpus(cfg, base)
     pruned = t.prune(cfg, base, corpus)
-    aligned = t.align(cfg, pruned, corpus)
-    nf4 = t.quantize(cfg, aligned)
+    # `until` and each section's `enabled` choose the model steps; evaluate and publish always run.
+    aligned = t.align(cfg, pruned, corpus) if cfg.runs("align") else pruned
+    nf4 = t.quantize(cfg, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation)
     create_markdown_artifact(
@@ -34,23 +35,24 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
     return {"uri": uri, **evaluation}
 
 
+PPL_ROWS = {
+    "original_ppl": "original perplexity",
+    "pruned_ppl": "pruned perplexity",
+    "aligned_ppl": "aligned perplexity",
+    "aligned_nf4_ppl": "aligned NF4 perplexity",
+    "pruned_nf4_ppl": "pruned NF4 perplexity",
+}
+
+
 def summary_markdown(uri: str, evaluation: dict) -> str:
-    """The run's summary artifact: perplexities, parameter counts, HBM and where it computed."""
+    """The run's summary artifact: the perplexities of the models made, sizes, and where it computed."""
+    from loram_core.sizes import size_rows
+
     m, p = evaluation["metrics"], evaluation["params"]
-    rows = [
-        ("original perplexity", m["original_ppl"]),
-        ("pruned perplexity", m["pruned_ppl"]),
-        ("aligned perplexity", m["aligned_ppl"]),
-    ]
-    if "aligned_nf4_ppl" in m:
-        rows.append(("aligned NF4 perplexity", m["aligned_nf4_ppl"]))
-    rows += [
-        ("original parameters", p["original_params"]),
-        ("pruned parameters", p["pruned_params"]),
-        ("reduction", p["reduction"]),
-        ("HBM GB (bf16)", p["hbm_gb"]),
-        ("HBM GB (4-bit, QLoRAM)", p["hbm_gb_4bit"]),
-    ]
+    rows = [(label, m[key]) for key, label in PPL_ROWS.items() if key in m]
+    if m.get("recovered") is not None:
+        rows.append(("alignment recovered (share of the pruning damage)", f"{100 * m['recovered']:.0f}%"))
+    rows += size_rows(p)
     compute = evaluation.get("compute", {})
     if compute:
         rows.append(("computed on", f"{compute['device']} ({compute.get('name', '')})"))

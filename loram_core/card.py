@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loram_core.manifest import Manifest
+from loram_core.sizes import size_rows
 
 
 def _fmt(x) -> str:
@@ -17,7 +18,7 @@ def model_card(m: Manifest, bucket_uri: str) -> str:
     """Markdown: what the version is, how a consumer uses it, and its measured numbers."""
     p, metrics, prune = m.params, m.metrics, m.prune
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
-    prows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in p.items() if k != "pruned_layers")
+    prows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in size_rows(p))
     return f"""# {m.name} {m.version}
 
 A LoRAM base (Zhang et al., "Train Small, Infer Large", arXiv 2502.13533): the `{m.base["model_type"]}`

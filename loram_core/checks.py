@@ -155,7 +155,7 @@ def check_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         ) from None
 
 
-def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
+def _documents(file: str, fmt: str, text_field: str, section: str = "corpus") -> Iterator[str]:
     """The documents `data.read_documents` would read from one file, streamed (nothing cached)."""
     from datasets import load_dataset
     from datasets.utils import logging as ds_logging
@@ -168,8 +168,8 @@ def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
         for i, record in enumerate(ds):
             if i == 0 and text_field not in record:
                 raise ConfigError(
-                    f"corpus.text_field={text_field!r} is not a field of {file!r}; its fields are "
-                    f"{sorted(record)}. Set corpus.text_field to the one holding the text."
+                    f"{section}.text_field={text_field!r} is not a field of {file!r}; its fields are "
+                    f"{sorted(record)}. Set {section}.text_field to the one holding the text."
                 )
             text = record[text_field]
             if text and text.strip():
@@ -179,13 +179,18 @@ def _documents(file: str, fmt: str, text_field: str) -> Iterator[str]:
     except Exception as err:  # a parse error of the user's file, whatever the reader (arrow, json)
         reason = str(err).splitlines()[0] if str(err) else repr(err)
         raise LoramError(
-            f"cannot read corpus file {file!r} as {fmt}: {reason}; fix the file or set corpus.format."
+            f"cannot read {section} file {file!r} as {fmt}: {reason}; fix the file or set {section}.format."
         ) from None
     finally:
         ds_logging.set_verbosity(verbosity)
 
 
-def check_corpus(cfg: CorpusConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase | None) -> None:
+def check_corpus(
+    cfg: CorpusConfig,
+    cache_dir: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    heldout_unit: str = "documents",
+) -> None:
     """Check that the corpus files exist, are readable, and hold one block of each split.
 
     The documents are streamed, split by content hash exactly as `data.make_blocks` splits them,
@@ -210,6 +215,9 @@ def check_corpus(cfg: CorpusConfig, cache_dir: str, tokenizer: PreTrainedTokeniz
         )
     tokens = {False: 0, True: 0}  # per split: held out?
     docs = {False: 0, True: 0}
+    if heldout_unit == "tokens":  # a share of all tokens: enough text in all for one block of each split
+        _check_token_share(cfg, nonempty, fmt, tokenizer)
+        return
     for file in nonempty:
         for doc in _documents(file, fmt, cfg.text_field):
             held = is_heldout(doc, cfg.heldout_fraction)
@@ -289,3 +297,49 @@ def check_bucket(uri: str) -> None:
     fs, root = bucket_fs(uri)
     if protocol in ("file", "local"):
         check_writable(root, "publish.uri", uri)
+
+
+def _check_token_share(
+    cfg: CorpusConfig, files: list[str], fmt: str, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    """With `eval.heldout_fraction` (a share of tokens): the corpus holds a block for each split's share."""
+    f = cfg.heldout_fraction
+    need = cfg.seq_len / min(f, 1 - f)
+    total = 0
+    for file in files:
+        for doc in _documents(file, fmt, cfg.text_field):
+            n = len(tokenizer(doc, add_special_tokens=False)["input_ids"]) if tokenizer else len(doc.encode())
+            total += n + 1
+            if total >= need:
+                return
+    raise ConfigError(
+        f"eval.heldout_fraction={f} of the corpus's {total} tokens leaves less than one block of "
+        f"corpus.seq_len={cfg.seq_len} in the {'held-out' if f <= 0.5 else 'training'} split; add text, "
+        "raise or lower eval.heldout_fraction, or lower corpus.seq_len."
+    )
+
+
+def check_text_files(patterns: list[str], fmt: str, text_field: str, cache_dir: str, key: str) -> None:
+    """Check calibration or eval files of their own: they exist, hold text and are readable.
+
+    Args:
+        patterns: the files/globs the section lists.
+        fmt: its `format` (`auto` tells by the suffix).
+        text_field: its `text_field` (json/parquet records).
+        cache_dir: where bucket files are cached.
+        key: the config key listing them (`calibration.source`, `eval.source`), for messages.
+
+    Raises:
+        LoramError: no file matches, only empty files, or the first record cannot be read.
+    """
+    from loram_core.data import _format_of, resolve_patterns
+
+    files = resolve_patterns(patterns, cache_dir, key)
+    nonempty = [f for f in files if os.path.getsize(f) > 0]
+    if not nonempty:
+        raise ConfigError(f"{key}={patterns} matches only empty files; point it at files that hold text.")
+    fmt = _format_of(nonempty, fmt)
+    for file in nonempty:
+        for _ in _documents(file, fmt, text_field, key.split(".")[0]):
+            return
+    raise ConfigError(f"{key}={patterns} holds no text; point it at files that hold text.")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loram_core.device import DEVICE_PATTERN
 from loram_core.errors import ConfigError
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
+Until = Literal["prune", "align", "quantize"]
 STRUCTURED: tuple[str, ...] = ("random", "structured")
 SPARSE: tuple[str, ...] = ("semi", "unstructured")
 
@@ -81,9 +83,19 @@ class CorpusConfig(_Section):
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     text_field: str = "text"
     seq_len: int = Field(256, ge=16, description="Block length in tokens for alignment and evaluation.")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return _paths_or(value, "demo", "corpus.paths")
+
     max_tokens: int | None = Field(None, ge=1, description="Token budget for the training split.")
     heldout_fraction: float = Field(
-        0.05, gt=0, lt=1, description="Share of documents held out for perplexity (chosen by content hash)."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of documents (paragraphs of a text file) held out for perplexity, each chosen by its "
+        "content hash; `eval.heldout_fraction`, when set, holds out a share of tokens instead.",
     )
     eval_blocks: int = Field(32, ge=1, description="Held-out blocks scored for perplexity.")
     seed: int = 0
@@ -106,8 +118,15 @@ class PruneConfig(_Section):
     sparse_method: Literal["sparsegpt", "wanda", "magnitude"] = Field(
         "sparsegpt", description="Solver for `semi` and `unstructured`; wanda and magnitude are baselines."
     )
-    n_m: tuple[int, int] = Field((2, 4), description="n:m pattern for `semi`: n zeros in every m weights.")
-    calib_samples: int = Field(32, ge=1, description="Calibration blocks from the corpus.")
+    n_m: tuple[int, int] = Field(
+        (2, 4), description="n:m pattern for `semi`: n zeros in every m weights; `2:4`, `2,4` or `[2, 4]`."
+    )
+    calib_samples: int | None = Field(
+        32,
+        ge=1,
+        description="Deprecated alias of `calibration.samples`: when set in a pipeline config it decides that "
+        "key (the pipeline keeps both equal). Outside a pipeline: how many of the given blocks are used.",
+    )
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -125,6 +144,11 @@ class PruneConfig(_Section):
     )
     seed: int = 0
 
+    @field_validator("n_m", mode="before")
+    @classmethod
+    def _n_m_forms(cls, value: Any) -> Any:
+        return parse_n_m(value)
+
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """The `[start, stop)` range of decoder layers this config prunes."""
         first = self.keep_first if self.keep_first is not None else (4 if self.strategy in STRUCTURED else 0)
@@ -135,6 +159,60 @@ class PruneConfig(_Section):
                 f"model with {num_layers} layers; lower them so that keep_first + keep_last < {num_layers}."
             )
         return first, num_layers - last
+
+
+class CalibrationConfig(_Section):
+    """Calibration text for pruning (SparseGPT's Hessians, Taylor gradients): `samples` x `seq_len` tokens."""
+
+    source: Literal["corpus"] | list[str] = Field(
+        "corpus",
+        description="`corpus`: blocks of the corpus's training split (never its held-out text), or "
+        "files/globs of text, jsonl or parquet of its own (local or s3://).",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    samples: int = Field(
+        32, ge=1, description="Calibration blocks (sequences), as llmcompressor's num_calibration_samples."
+    )
+    seq_len: int | None = Field(
+        None, ge=16, description="Tokens per block (llmcompressor's max_seq_length); unset: corpus.seq_len."
+    )
+    seed: int | None = Field(
+        None,
+        description="Shuffle of the blocks before the first `samples` are taken; unset: the source's own order "
+        "(the corpus's training order, shuffled by corpus.seed; a file's first samples x seq_len tokens).",
+    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return _paths_or(value, "corpus", "calibration.source")
+
+
+class EvalConfig(_Section):
+    """The held-out text every model's perplexity is measured on."""
+
+    source: Literal["corpus"] | list[str] = Field(
+        "corpus",
+        description="`corpus`: the corpus's held-out split (never trained on), or files/globs of text, jsonl "
+        "or parquet of its own, scored from their start.",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+    heldout_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Share of the corpus's tokens held out of training: whole documents in the order of their "
+        "content hash, each while it fits in the share; unset: corpus.heldout_fraction, a share of documents.",
+    )
+    blocks: int | None = Field(None, ge=1, description="Blocks scored; unset: corpus.eval_blocks.")
+    seq_len: int | None = Field(None, ge=16, description="Tokens per block; unset: corpus.seq_len.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return _paths_or(value, "corpus", "eval.source")
 
 
 class AlignConfig(_Section):
@@ -206,6 +284,11 @@ class PublishConfig(_Section):
     version: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: UTC timestamp of the run."
     )
+    enabled: bool = Field(
+        True,
+        description="false: the version (same layout, manifest included) is written under "
+        "`<workdir>/local-bucket` instead of `uri`.",
+    )
 
 
 class PipelineConfig(_Section):
@@ -218,13 +301,38 @@ class PipelineConfig(_Section):
         description="Where prune, align, quantize and evaluate compute: `auto` (the first GPU when CUDA is "
         "present, else the CPU), `cpu`, `cuda` or `cuda:N`.",
     )
+    until: Until = Field(
+        "quantize",
+        description="The last model step to run: `prune`, `align` or `quantize`; evaluation and publishing "
+        "always follow, on the models that were made.",
+    )
     base: BaseConfig = BaseConfig()
     corpus: CorpusConfig = CorpusConfig()
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     prune: PruneConfig = PruneConfig()
     align: AlignConfig = AlignConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _calib_samples_alias(self) -> PipelineConfig:
+        # `prune.calib_samples` predates the calibration section: set, it still decides (so configs and
+        # overrides written for it keep their meaning); the two are then kept equal, so that a dumped
+        # config validates again unchanged.
+        old = self.prune.calib_samples if "calib_samples" in self.prune.model_fields_set else None
+        if old is not None and old != self.calibration.samples:
+            self.calibration.samples = old
+        if self.prune.calib_samples != self.calibration.samples:
+            self.prune.calib_samples = self.calibration.samples
+        return self
+
+    def runs(self, step: Literal["align", "quantize"]) -> bool:
+        """Whether this run makes the model of `step` (`until` reaches it and its section is enabled)."""
+        if step == "align":
+            return self.until != "prune" and self.align.enabled
+        return self.until == "quantize" and self.quantize.enabled
 
 
 def fingerprint(obj: Any) -> str:
@@ -233,8 +341,37 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+_N_M = re.compile(r"^\s*\(?\[?\s*(\d+)\s*[:,]\s*(\d+)\s*\]?\)?\s*$")
+N_M_FORMS = "`2:4`, `2,4` or `[2, 4]` (n zeros in every m weights; quote 2:4 in YAML, which reads it as 124)"
+
+
+def parse_n_m(value: Any) -> Any:
+    """`2:4`, `2,4`, `[2, 4]` or `(2, 4)` as `(2, 4)`; anything else is refused naming the accepted forms."""
+    if isinstance(value, str):
+        match = _N_M.match(value)
+        if match:
+            return int(match[1]), int(match[2])
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        return tuple(value)
+    raise ValueError(f"{value!r} is not an n:m pattern; write {N_M_FORMS}")
+
+
+def _paths_or(value: Any, word: str, key: str) -> Any:
+    """A single path where a list is expected becomes a one-item list; other types name the forms."""
+    if isinstance(value, str):
+        return value if value == word else [value]
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"{value!r} is not `{word}`, a path or a list of paths; write {key}={word}, {key}=FILE or {key}=[A, B]"
+    )
+
+
 def _parse_value(raw: str) -> Any:
     # YAML scalars give the natural types: 0.5 -> float, true -> bool, [2, 4] -> list, x -> str.
+    # YAML 1.1 reads `2:4` as the base-60 integer 124; on the command line that is never what is meant.
+    if re.fullmatch(r"\s*\d+(\s*:\s*\d+)+\s*", raw):
+        return raw.strip()
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,15 +47,24 @@ def resolve_files(cfg: CorpusConfig, cache_dir: str | Path) -> list[str]:
     """The corpus files, expanded from globs; `demo` builds the stdlib corpus."""
     if cfg.paths == "demo":
         return [str(demo_corpus_file(cache_dir))]
+    return resolve_patterns(cfg.paths, cache_dir, "corpus.paths")
+
+
+def resolve_patterns(patterns: list[str], cache_dir: str | Path, key: str) -> list[str]:
+    """Files matching local paths/globs or bucket URIs (copied to a local cache), in order.
+
+    Raises:
+        ConfigError: an entry matches no file (named with `key`, the config key that lists it).
+    """
     files: list[str] = []
-    for pattern in cfg.paths:
+    for pattern in patterns:
         if "://" in pattern and not pattern.startswith("file://"):
             matches = _fetch_remote(pattern, Path(cache_dir).expanduser() / "corpus-remote")
         else:
             matches = sorted(glob.glob(os.path.expanduser(pattern.removeprefix("file://"))))
         if not matches:
             raise ConfigError(
-                f"corpus.paths entry {pattern!r} matches no file; give existing text/jsonl/parquet files."
+                f"{key} entry {pattern!r} matches no file; give existing text/jsonl/parquet files."
             )
         files += matches
     return files
@@ -121,24 +131,37 @@ def files_fingerprint(files: list[str]) -> str:
     return h.hexdigest()
 
 
+def tokenize(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each document (no special tokens), tokenized in batches of 1000 documents."""
+    rows: list[list[int]] = []
+    for batch_start in range(0, len(docs), 1000):
+        rows += tokenizer(docs[batch_start : batch_start + 1000], add_special_tokens=False)["input_ids"]
+    return rows
+
+
+def pack_ids(rows: list[list[int]], eos: int, seq_len: int, key: str = "corpus.seq_len") -> torch.Tensor:
+    """Join token rows with `eos` after each and cut the stream into blocks.
+
+    Returns:
+        int32 tensor `[num_blocks, seq_len]`; the tail shorter than a block is dropped.
+    """
+    ids: list[int] = []
+    for row in rows:
+        ids += row
+        ids.append(eos)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ConfigError(f"the corpus holds {len(ids)} tokens, fewer than one block of {key}={seq_len}.")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+
+
 def pack(docs: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
     """Tokenize documents, join them with EOS and cut the stream into blocks.
 
     Returns:
         int32 tensor `[num_blocks, seq_len]`; the tail shorter than a block is dropped.
     """
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for batch_start in range(0, len(docs), 1000):
-        for row in tokenizer(docs[batch_start : batch_start + 1000], add_special_tokens=False)["input_ids"]:
-            ids += row
-            ids.append(eos)
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ConfigError(
-            f"the corpus holds {len(ids)} tokens, fewer than one block of corpus.seq_len={seq_len}."
-        )
-    return torch.tensor(ids[: n * seq_len], dtype=torch.int32).view(n, seq_len)
+    return pack_ids(tokenize(docs, tokenizer), tokenizer.eos_token_id, seq_len)
 
 
 def is_heldout(doc: str, fraction: float) -> bool:
@@ -149,6 +172,44 @@ def is_heldout(doc: str, fraction: float) -> bool:
     """
     h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little")
     return h / 2**64 < fraction
+
+
+def _hash_rank(doc: str) -> int:
+    return int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little")
+
+
+def heldout_by_tokens(docs: list[str], token_counts: list[int], fraction: float) -> list[bool]:
+    """Hold out whole documents, in the order of their content hash, up to `fraction` of the tokens.
+
+    Documents are visited in the order of their content hash and each is held out if it still fits
+    in the share (identical documents count as one, so they fall on the same side). The held-out
+    split therefore holds at most `fraction` of the tokens, and all but a sliver of it when the
+    documents are small next to the share, however unequal their lengths: one long document can no
+    longer take a quarter of the corpus. If no document fits, the first in hash order is held out.
+    Which documents it takes depends on the texts alone, not on the order of the files.
+
+    Args:
+        docs: the documents.
+        token_counts: tokens of each document (as packed: EOS included).
+        fraction: share of the tokens to hold out, 0 < fraction < 1.
+
+    Returns:
+        one flag per document: held out?
+    """
+    ranks = [_hash_rank(d) for d in docs]
+    sizes: dict[int, int] = {}
+    for rank, n in zip(ranks, token_counts, strict=True):
+        sizes[rank] = sizes.get(rank, 0) + n
+    budget = fraction * sum(token_counts)
+    taken: set[int] = set()
+    held = 0
+    for rank in sorted(sizes):
+        if held + sizes[rank] <= budget:
+            taken.add(rank)
+            held += sizes[rank]
+    if not taken and sizes:
+        taken.add(min(sizes))
+    return [r in taken for r in ranks]
 
 
 @dataclass
@@ -171,23 +232,37 @@ def make_blocks(
     seed: int = 0,
     max_tokens: int | None = None,
     eval_blocks: int | None = None,
+    heldout_unit: Literal["documents", "tokens"] = "documents",
 ) -> Blocks:
-    """Split documents into train/held-out, pack each, shuffle the training blocks, apply the budget."""
-    held = [is_heldout(d, heldout_fraction) for d in docs]
-    train_docs = [d for d, h in zip(docs, held, strict=True) if not h]
-    heldout_docs = [d for d, h in zip(docs, held, strict=True) if h]
-    if not heldout_docs:
+    """Split documents into train/held-out, pack each, shuffle the training blocks, apply the budget.
+
+    `heldout_unit` says what `heldout_fraction` is a share of: `documents` (each held out by its
+    content hash alone: `is_heldout`) or `tokens` (`heldout_by_tokens`).
+    """
+    rows = tokenize(docs, tokenizer)
+    held = split_flags(docs, rows, heldout_fraction, heldout_unit)
+    if not any(held):
         raise ConfigError(
             f"corpus.heldout_fraction={heldout_fraction} holds out none of the {len(docs)} documents; raise it."
         )
-    train = pack(train_docs, tokenizer, seq_len)
+    eos = tokenizer.eos_token_id
+    train = pack_ids([r for r, h in zip(rows, held, strict=True) if not h], eos, seq_len)
     train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))]
     if max_tokens is not None:
         train = train[: max(1, max_tokens // seq_len)]
-    heldout = pack(heldout_docs, tokenizer, seq_len)
+    heldout = pack_ids([r for r, h in zip(rows, held, strict=True) if h], eos, seq_len)
     if eval_blocks is not None:
         heldout = heldout[:eval_blocks]
     return Blocks(train=train.contiguous(), heldout=heldout.contiguous())
+
+
+def split_flags(
+    docs: list[str], rows: list[list[int]], fraction: float, unit: Literal["documents", "tokens"]
+) -> list[bool]:
+    """Which documents are held out: by content hash alone (`documents`) or up to a share of tokens."""
+    if unit == "tokens":
+        return heldout_by_tokens(docs, [len(r) + 1 for r in rows], fraction)
+    return [is_heldout(d, fraction) for d in docs]
 
 
 def save_blocks(path: str | Path, blocks: Blocks, metadata: dict[str, str]) -> None:

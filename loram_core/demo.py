@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,28 +43,40 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     )
 
 
-def demo_key(base: BaseConfig, corpus: CorpusConfig) -> str:
+def demo_key(base: BaseConfig, corpus: CorpusConfig, heldout_unit: str = "documents") -> str:
     corpus_file = demo_corpus_file(base.cache_dir)
-    return fingerprint(
-        {
-            "recipe": RECIPE_VERSION,
-            "demo": base.demo.model_dump(),
-            "corpus": files_fingerprint([str(corpus_file)]),
-            "heldout_fraction": corpus.heldout_fraction,
-        }
-    )
+    key = {
+        "recipe": RECIPE_VERSION,
+        "demo": base.demo.model_dump(),
+        "corpus": files_fingerprint([str(corpus_file)]),
+        "heldout_fraction": corpus.heldout_fraction,
+    }
+    if heldout_unit != "documents":  # the documents rule keeps the cache of earlier builds
+        key["heldout_unit"] = heldout_unit
+    return fingerprint(key)
 
 
-def build_demo_base(base: BaseConfig, corpus: CorpusConfig, progress: ProgressFn | None = None) -> Path:
-    """Return the cached demo base checkpoint directory, building it first if needed."""
-    out = Path(base.cache_dir).expanduser() / f"demo-base-{demo_key(base, corpus)}"
+def build_demo_base(
+    base: BaseConfig,
+    corpus: CorpusConfig,
+    progress: ProgressFn | None = None,
+    heldout_unit: Literal["documents", "tokens"] = "documents",
+) -> Path:
+    """Return the cached demo base checkpoint directory, building it first if needed.
+
+    `corpus.heldout_fraction` (a share of `heldout_unit`) is held out of pretraining, so the
+    base never sees the text the pipeline evaluates on.
+    """
+    out = Path(base.cache_dir).expanduser() / f"demo-base-{demo_key(base, corpus, heldout_unit)}"
     if (out / "model.safetensors").is_file():
         return out
     d = base.demo
     torch.manual_seed(d.seed)
     docs = read_documents([str(demo_corpus_file(base.cache_dir))], "text")
     tokenizer = train_tokenizer(docs, d.vocab_size)
-    blocks = make_blocks(docs, tokenizer, d.seq_len, corpus.heldout_fraction, seed=d.seed)
+    blocks = make_blocks(
+        docs, tokenizer, d.seq_len, corpus.heldout_fraction, seed=d.seed, heldout_unit=heldout_unit
+    )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=d.hidden_size,

@@ -26,8 +26,19 @@ class Manifest(BaseModel):
     created_at: str
     base: dict[str, Any] = Field(description="source, fingerprint (sha256 over its files), model_type")
     corpus: dict[str, Any] = Field(description="files' fingerprint, token counts, block length")
+    calibration: dict[str, Any] = Field(
+        default_factory=dict,
+        description="pruning's calibration text: settings, source, blocks x seq_len, sha256 of its tokens and text",
+    )
+    eval: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the held-out text the metrics are measured on: settings, source, shape, sha256 hashes",
+    )
+    until: str = Field("quantize", description="the last model step the run made: prune, align or quantize")
     prune: dict[str, Any]
-    align: dict[str, Any]
+    align: dict[str, Any] = Field(
+        description="settings and training facts; {'enabled': False} when it did not run"
+    )
     quantize: dict[str, Any]
     params: dict[str, Any] = Field(description="original/pruned counts, reduction, HBM figures")
     metrics: dict[str, Any] = Field(description="original_ppl, pruned_ppl, aligned_ppl, ... on held-out text")

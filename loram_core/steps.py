@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from loram_core import __version__
@@ -29,6 +30,7 @@ from loram_core.data import (
     make_blocks,
     read_documents,
     resolve_files,
+    resolve_patterns,
     save_blocks,
 )
 from loram_core.demo import build_demo_base
@@ -36,9 +38,11 @@ from loram_core.device import default_dtype, describe, resolve_device
 from loram_core.errors import LoramError
 from loram_core.evaluate import perplexity
 from loram_core.manifest import Manifest, list_files, sha256_file
-from loram_core.models import count_parameters, load_config, load_model
+from loram_core.models import load_config, load_model
 from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
 from loram_core.quantize import quantize_checkpoint
+from loram_core.sizes import size_summary
+from loram_core.sources import TextBlocks, calibration_blocks, eval_blocks, heldout_rule
 
 Progress = Callable[[dict], None]
 
@@ -91,8 +95,16 @@ def preflight(cfg: PipelineConfig) -> None:
     cfg.prune.layer_range(num_layers)
     compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
     if cfg.corpus.paths != "demo":
-        checks.check_corpus(cfg.corpus, cfg.base.cache_dir, tokenizer)
-    checks.check_bucket(cfg.publish.uri)
+        fraction, unit = heldout_rule(cfg)
+        corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
+        checks.check_corpus(corpus, cfg.base.cache_dir, tokenizer, heldout_unit=unit)
+    for key, section in (("calibration.source", cfg.calibration), ("eval.source", cfg.eval)):
+        if section.source != "corpus":
+            checks.check_text_files(
+                section.source, section.format, section.text_field, cfg.base.cache_dir, key
+            )
+    if cfg.publish.enabled:
+        checks.check_bucket(cfg.publish.uri)
     checks.check_writable(cfg.workdir, "workdir")
 
 
@@ -100,7 +112,9 @@ def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
     """The original model's checkpoint directory: the given one, or the (cached) demo model."""
     path = base_path(cfg)
     if path is None:
-        return str(build_demo_base(cfg.base, cfg.corpus, progress))
+        fraction, unit = heldout_rule(cfg)  # the base never trains on what evaluation scores
+        corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
+        return str(build_demo_base(cfg.base, corpus, progress, heldout_unit=unit))
     load_config(path)
     return str(path)
 
@@ -115,14 +129,18 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     """Tokenize and pack the corpus with the base model's tokenizer; returns the blocks file."""
     files = resolve_files(cfg.corpus, cfg.base.cache_dir)
     corpus_fp = files_fingerprint(files)
-    out = _step_dir(cfg, "corpus", {"corpus": cfg.corpus.model_dump(), "files": corpus_fp, "base": base_dir})
+    fraction, unit = heldout_rule(cfg)
+    key = {"corpus": cfg.corpus.model_dump(), "files": corpus_fp, "base": base_dir}
+    if unit == "tokens":  # the documents rule keeps the keys (and work dirs) of earlier runs
+        key["heldout"] = [fraction, unit]
+    out = _step_dir(cfg, "corpus", key)
     blocks_file = out / "blocks.safetensors"
     if blocks_file.is_file():
         return str(blocks_file)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     docs = read_documents(files, cfg.corpus.format, cfg.corpus.text_field)
     c = cfg.corpus
-    blocks = make_blocks(docs, tokenizer, c.seq_len, c.heldout_fraction, c.seed, c.max_tokens, c.eval_blocks)
+    blocks = make_blocks(docs, tokenizer, c.seq_len, fraction, c.seed, c.max_tokens, c.eval_blocks, unit)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
     save_blocks(tmp / "blocks.safetensors", blocks, {"fingerprint": corpus_fp})
     info = {
@@ -141,15 +159,58 @@ def corpus_info(blocks_file: str) -> dict:
     return json.loads((Path(blocks_file).parent / "corpus.json").read_text())
 
 
+def _text_blocks(
+    cfg: PipelineConfig, name: str, make: Callable[..., TextBlocks], base_dir: str, blocks_file: str
+) -> str:
+    """Cache the blocks `make(cfg, tokenizer, blocks_file)` returns as `<name>.safetensors` + `<name>.json`."""
+    section = getattr(cfg, name)
+    key = {name: section.model_dump(), "corpus": blocks_file, "base": base_dir}
+    if section.source != "corpus":
+        files = resolve_patterns(section.source, cfg.base.cache_dir, f"{name}.source")
+        key["files"] = files_fingerprint(files)
+    if section.source == "corpus" or name == "calibration":  # corpus-relative defaults (seq_len, blocks)
+        key["corpus_section"] = cfg.corpus.model_dump()
+    out = _step_dir(cfg, name, key)
+    if (out / f"{name}.json").is_file():
+        return str(out / f"{name}.safetensors")
+    result = make(cfg, AutoTokenizer.from_pretrained(base_dir), blocks_file)
+    tmp = _fresh(out.with_name(out.name + ".tmp"))
+    save_file({"blocks": result.blocks}, str(tmp / f"{name}.safetensors"))
+    (tmp / f"{name}.json").write_text(json.dumps(result.info, indent=2))
+    return str(_commit(tmp, out) / f"{name}.safetensors")
+
+
+def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+    """The calibration blocks (`calibration` section) as a safetensors file; cached like every step."""
+    return _text_blocks(cfg, "calibration", calibration_blocks, base_dir, blocks_file)
+
+
+def prepare_eval(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+    """The held-out blocks every model is scored on (`eval` section) as a safetensors file."""
+    return _text_blocks(cfg, "eval", eval_blocks, base_dir, blocks_file)
+
+
+def text_blocks_info(blocks_file: str) -> dict:
+    """What `prepare_calibration` / `prepare_eval` recorded about their blocks (source, shape, sha256)."""
+    path = Path(blocks_file)
+    return json.loads(path.with_suffix(".json").read_text())
+
+
 def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
     """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`."""
     device = compute_device(cfg)
-    key = {"prune": cfg.prune.model_dump(), "base": base_dir, "corpus": blocks_file, "device": device.type}
+    calib_file = prepare_calibration(cfg, base_dir, blocks_file)
+    key = {
+        "prune": cfg.prune.model_dump(),
+        "base": base_dir,
+        "calibration": calib_file,
+        "device": device.type,
+    }
     out = _step_dir(cfg, "prune", key)
     if (out / "config.json").is_file():
         return str(out)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
-    calib = load_blocks(blocks_file).train[: cfg.prune.calib_samples]
+    calib = load_file(calib_file)["blocks"]
     torch.manual_seed(cfg.prune.seed)
 
     def report(what: str, done: int, total: int) -> None:
@@ -253,60 +314,50 @@ def evaluate(
     nf4_dir: str | None,
     blocks_file: str,
 ) -> dict:
-    """Held-out perplexity of original, pruned, aligned (and 4-bit) models, and parameter counts.
+    """Held-out perplexity of the models this run made, once each, and the published checkpoint's size.
 
-    Models are scored one at a time on the run's device (bf16 on a GPU unless `evaluate.dtype`
-    says otherwise); the result records that device and the seconds each model took.
+    The original and the pruned model always; the aligned one when alignment ran (`cfg.runs`), and
+    the 4-bit variant when given (`aligned_nf4_ppl`, or `pruned_nf4_ppl` without alignment). Models
+    are scored one at a time on the run's device (bf16 on a GPU unless `evaluate.dtype` says
+    otherwise) on the `eval` blocks; the result records that device and the seconds each took.
     """
     device = compute_device(cfg)
+    eval_file = prepare_eval(cfg, base_dir, blocks_file)
+    aligned = cfg.runs("align") and aligned_dir != pruned_dir
     key = {
-        "dirs": [base_dir, pruned_dir, aligned_dir, nf4_dir],
-        "corpus": blocks_file,
+        "dirs": [base_dir, pruned_dir, aligned_dir if aligned else None, nf4_dir],
+        "eval": eval_file,
         "evaluate": cfg.evaluate.model_dump(),
         "device": device.type,
     }
     out = _step_dir(cfg, "evaluate", key)
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    heldout = load_blocks(blocks_file).heldout
+    heldout = load_file(eval_file)["blocks"]
     bs = cfg.evaluate.batch_size
     dtype = default_dtype(device, cfg.evaluate.dtype)
     metrics: dict = {}
     seconds: dict[str, float] = {}
-    models = {"original_ppl": base_dir, "pruned_ppl": pruned_dir, "aligned_ppl": aligned_dir}
+    models = {"original_ppl": base_dir, "pruned_ppl": pruned_dir}
+    if aligned:
+        models["aligned_ppl"] = aligned_dir
     for name, path in models.items():
         t0 = time.perf_counter()
         metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs)
         seconds[name] = round(time.perf_counter() - t0, 3)
     if nf4_dir is not None:
+        name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
-        metrics["aligned_nf4_ppl"] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs)
-        seconds["aligned_nf4_ppl"] = round(time.perf_counter() - t0, 3)
-    damage = metrics["pruned_ppl"] - metrics["original_ppl"]
-    metrics["recovered"] = (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
-    metrics["heldout_tokens"] = heldout.numel()
-    base_config = load_config(base_dir)
-    p = plan(base_config, cfg.prune).to_dict()
-    pruned_model = load_model(aligned_dir)
-    stored = count_parameters(pruned_model)
-    nonzero = (
-        sum(int((t != 0).sum()) for t in pruned_model.parameters())
-        if cfg.prune.strategy in SPARSE
-        else stored
-    )
-    params = {
-        k: p[k]
-        for k in (
-            "original_params",
-            "pruned_params",
-            "reduction",
-            "hbm_gb",
-            "hbm_gb_4bit",
-            "hbm_gb_4bit_actual",
-            "pruned_layers",
+        metrics[name] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs)
+        seconds[name] = round(time.perf_counter() - t0, 3)
+    if aligned:
+        damage = metrics["pruned_ppl"] - metrics["original_ppl"]
+        metrics["recovered"] = (
+            (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
         )
-    }
-    params.update({"stored_params": stored, "nonzero_params": nonzero})
+    metrics["heldout_tokens"] = heldout.numel()
+    p = plan(load_config(base_dir), cfg.prune).to_dict()
+    params = size_summary(p, aligned_dir if aligned else pruned_dir, sparse=cfg.prune.strategy in SPARSE)
     compute = {**describe(device), "eval_dtype": str(dtype).removeprefix("torch."), "eval_seconds": seconds}
     result = {"metrics": metrics, "params": params, "compute": compute}
     tmp = _fresh(out.with_name(out.name + ".tmp"))
@@ -342,6 +393,8 @@ def publish(
     from loram_core.storage import publish_version
 
     version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    uri = publish_uri(cfg)
+    aligned = cfg.runs("align") and "aligned_ppl" in evaluation["metrics"]
     staging = _fresh(Path(cfg.workdir).expanduser() / f"publish-{cfg.publish.name}-{version}")
     try:
         model_files = [p for p in Path(aligned_dir).iterdir() if p.is_file() and p.name != "train_log.json"]
@@ -363,20 +416,40 @@ def publish(
                 "num_hidden_layers": base_config.num_hidden_layers,
             },
             corpus={k: v for k, v in corpus_info(blocks_file).items() if k != "files"},
+            calibration={
+                **cfg.calibration.model_dump(mode="json"),
+                **text_blocks_info(prepare_calibration(cfg, base_dir, blocks_file)),
+            },
+            eval={
+                **cfg.eval.model_dump(mode="json"),
+                **text_blocks_info(prepare_eval(cfg, base_dir, blocks_file)),
+            },
+            until=cfg.until,
             prune=cfg.prune.model_dump(mode="json"),
-            align={**cfg.align.model_dump(mode="json"), **_train_log(aligned_dir)},
-            quantize={**cfg.quantize.model_dump(mode="json"), "enabled": nf4_dir is not None},
+            align={**cfg.align.model_dump(mode="json"), **_train_log(aligned_dir)}
+            if aligned
+            else {"enabled": False},
+            quantize={**cfg.quantize.model_dump(mode="json"), "enabled": True}
+            if nf4_dir
+            else {"enabled": False},
             params=evaluation["params"],
             metrics=evaluation["metrics"],
             compute=evaluation.get("compute", {}),
             files=[],
             code_version=code_version(),
         )
-        (staging / "README.md").write_text(model_card(manifest, cfg.publish.uri))
+        (staging / "README.md").write_text(model_card(manifest, uri))
         manifest.files = list_files(staging)
-        return publish_version(staging, manifest, cfg.publish.uri)
+        return publish_version(staging, manifest, uri)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_uri(cfg: PipelineConfig) -> str:
+    """Where the version goes: `publish.uri`, or `<workdir>/local-bucket` when publishing is off."""
+    if cfg.publish.enabled:
+        return cfg.publish.uri
+    return f"file://{(Path(cfg.workdir).expanduser() / 'local-bucket').absolute()}"
 
 
 def train_log(aligned_dir: str) -> dict:

@@ -131,3 +131,47 @@ def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
     assert "random at 0.65" in demo.stdout and "None" not in demo.stdout
     model = loram("plan", str(FIXTURE))  # a model: unset options default to structured at 0.5
     assert "structured at 0.5" in model.stdout and "None" not in model.stdout
+
+
+def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
+    """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
+    from flows.provider import summary_markdown
+    from loram_core.storage import verify_version
+    from tests.flows.test_provider_flow import TINY
+
+    bucket = tmp_path / "bucket"
+    result = loram("run", str(REPO / "configs" / "demo.yaml"), *TINY, f"workdir={tmp_path / 'w'}",
+                   f"base.cache_dir={tmp_path / 'cache'}", f"publish.uri=file://{bucket}", "publish.version=v1",
+                   "prune.strategy=semi", "--until", "prune")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "original" in out and "pruned" in out and "non-zero weights" in out
+    assert "reduction with a sparse kernel only" in out and "reduction as stored" in out and "1.00x" in out
+    assert "aligned" not in out and "alignment" not in out and "NF4," not in out
+    manifest = verify_version(f"file://{bucket}/demo-llama")
+    assert manifest.until == "prune"
+    assert set(manifest.metrics) == {"original_ppl", "pruned_ppl", "heldout_tokens"}
+    assert set(manifest.compute["eval_seconds"]) == {"original_ppl", "pruned_ppl"}  # each scored once
+    assert manifest.align == {"enabled": False} and manifest.quantize == {"enabled": False}
+    assert not any(f.path.startswith("model-nf4/") for f in manifest.files)
+    p = manifest.params
+    assert p["stored_params"] == p["original_params"] > p["nonzero_params"]  # 2:4 stores its zeros
+    assert (
+        p["reduction"] == 1.0 and p["sparse_kernel_reduction"] == p["original_params"] / p["nonzero_params"]
+    )
+    assert p["nonzero_params"] <= p["pruned_params"] < p["original_params"]  # 2:4 of layer 1's linears
+    # The data sections, with hashes of what was used: 8 calibration and 8 held-out blocks of 64 tokens.
+    c, e = manifest.calibration, manifest.eval
+    assert (c["source"], c["samples"], c["blocks"], c["seq_len"], c["tokens"]) == ("corpus", 8, 8, 64, 512)
+    assert (e["source"], e["blocks"], e["tokens"]) == ("corpus", 8, 512) and manifest.metrics[
+        "heldout_tokens"
+    ] == 512
+    for section in (c, e):
+        assert all(len(section[k]) == 64 for k in ("files_sha256", "tokens_sha256", "text_sha256"))
+    assert c["tokens_sha256"] != e["tokens_sha256"]
+    card = (bucket / "demo-llama" / "v1" / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("|")]
+    assert not any("align" in row or "nf4_ppl" in row for row in rows)
+    assert any(row.startswith("| pruned_ppl |") for row in rows)
+    summary = summary_markdown(manifest.version, {"metrics": manifest.metrics, "params": p})
+    assert "aligned" not in summary and "alignment" not in summary and "| pruned perplexity |" in summary

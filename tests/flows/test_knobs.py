@@ -1,0 +1,52 @@
+"""Steps chosen per run, without Prefect: alignment off, the 4-bit variant of the pruned model, written locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.provider import summary_markdown
+from loram_core import steps
+from loram_core.config import load_config
+from loram_core.storage import verify_version
+from tests.conftest import tiny_model, tiny_tokenizer
+from tests.loram_core.test_checks import write_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_alignment_off_scores_each_model_once_and_names_the_nf4_variant_pruned(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    tiny_model(num_hidden_layers=4).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    write_corpus(tmp_path / "corpus.txt", docs=400)
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"base.source={base}", f"corpus.paths={tmp_path / 'corpus.txt'}", "corpus.seq_len=32",
+         "corpus.eval_blocks=4", "calibration.samples=4", f"workdir={tmp_path / 'work'}",
+         f"base.cache_dir={tmp_path / 'cache'}", "prune.keep_first=1", "prune.keep_last=1",
+         "prune.strategy=random", "align.enabled=false", "publish.enabled=false", "publish.version=v1",
+         "publish.uri=s3://not-used/when-off"],
+    )  # fmt: skip
+    steps.preflight(cfg)  # publishing off: the bucket is not checked
+    assert not cfg.runs("align") and cfg.runs("quantize")
+    blocks = steps.prepare_corpus(cfg, str(base))
+    pruned = steps.prune(cfg, str(base), blocks)
+    nf4 = steps.quantize(cfg, pruned)
+    evaluation = steps.evaluate(cfg, str(base), pruned, pruned, nf4, blocks)
+    m = evaluation["metrics"]
+    assert set(m) == {"original_ppl", "pruned_ppl", "pruned_nf4_ppl", "heldout_tokens"}
+    assert set(evaluation["compute"]["eval_seconds"]) == {"original_ppl", "pruned_ppl", "pruned_nf4_ppl"}
+    p = evaluation["params"]
+    assert p["stored_params"] == p["pruned_params"] == p["nonzero_params"] < p["original_params"]
+    assert p["reduction"] == p["original_params"] / p["stored_params"] and "sparse_kernel_reduction" not in p
+    uri = steps.publish(cfg, str(base), blocks, pruned, nf4, evaluation)
+    local = tmp_path / "work" / "local-bucket"
+    assert uri == f"file://{local.absolute()}/demo-llama/v1"
+    manifest = verify_version(f"file://{local}/demo-llama")
+    assert manifest.align == {"enabled": False} and manifest.quantize["enabled"] is True
+    assert {"model/config.json", "model-nf4/config.json", "masks/masks.safetensors"} <= {
+        f.path for f in manifest.files
+    }
+    summary = summary_markdown(uri, evaluation)
+    assert "| pruned NF4 perplexity |" in summary and "aligned" not in summary and "recovered" not in summary
+    assert "| stored parameters |" in summary and "non-zero" not in summary
