@@ -27,7 +27,7 @@ def prefect_server():
 
 
 def _loram(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich wraps tables to the terminal
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600, env=env)  # fmt: skip
 
@@ -38,7 +38,8 @@ def test_verify_flow_publishes_the_ablation_table_in_the_card_the_manifest_and_a
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
 
     from flows.verify import verify
 
@@ -69,7 +70,10 @@ def test_verify_flow_publishes_the_ablation_table_in_the_card_the_manifest_and_a
     async def artifact():
         async with get_client() as client:
             flt = ArtifactFilter(key=ArtifactFilterKey(any_=["lora-verification"]))
-            return await client.read_artifacts(artifact_filter=flt)
+            return await client.read_artifacts(
+                artifact_filter=flt, flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                sort=ArtifactSort.CREATED_DESC, limit=10,
+            )  # fmt: skip
 
     (art,) = asyncio.run(artifact())
     data = json.loads(art.data) if isinstance(art.data, str) else art.data
