@@ -162,3 +162,37 @@ def test_a_lora_trained_on_the_pruned_base_recovered_and_loaded_with_stock_peft_
     assert score.loss == pytest.approx(rows["loram"]["loss"], abs=1e-4)
     # A re-run finds the step done and returns the same record without training.
     assert verify(cfg, base, pruned, aligned, blocks) == result
+
+
+@pytest.mark.parametrize(("strategy", "mode"), [("random", "normA"), ("semi", "mask")])
+def test_ablation_rows_on_a_tiny_model_for_adapter_and_merged_recoveries(
+    tmp_path: Path, strategy: str, mode: str
+) -> None:
+    """Plumbing of `run_ablation` (tiny untrained model, 3 steps): every row scored, the recovery mode honoured."""
+    import shutil
+
+    from loram_core.config import PruneConfig, VerifyConfig
+    from loram_core.prune import prune_checkpoint, save_masks
+    from loram_core.verify import run_ablation
+
+    tiny_model(num_hidden_layers=4).save_pretrained(tmp_path / "original")
+    cfg = PruneConfig(strategy=strategy, ratio=0.5, keep_first=1, keep_last=1, calib_samples=2)
+    masks = prune_checkpoint(tmp_path / "original", tmp_path / "pruned", cfg, torch.randint(0, 128, (2, 16)))
+    save_masks(masks, tmp_path / "pruned" / "masks" / "masks.safetensors")
+    shutil.copytree(tmp_path / "pruned", tmp_path / "aligned")  # stands in for the aligned base here
+    tok = tiny_tokenizer()
+    train, heldout = make_task(DOCS, 3, 16, 8, 0.2, seed=0)
+    v = VerifyConfig(rank=4, steps=3, batch_size=4, recover_mode=mode)
+    out = run_ablation(v, str(tmp_path / "original"), str(tmp_path / "pruned"), str(tmp_path / "aligned"),
+                       encode(train, tok), encode(heldout, tok), tmp_path / "work", torch.device("cpu"))  # fmt: skip
+    assert out["recover_mode"] == mode
+    assert [r["key"] for r in out["rows"]] == ["original", "loram", "unrecovered", "unaligned", "reference"]
+    assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in out["rows"])
+    recovered = tmp_path / "work" / "loram-recovered"
+    if mode == "mask":  # a merged original-shaped checkpoint, not an adapter
+        assert (recovered / "model.safetensors").is_file() and not (
+            recovered / "adapter_config.json"
+        ).exists()
+    else:
+        config = json.loads((recovered / "adapter_config.json").read_text())
+        assert config["r"] == 4 and config["base_model_name_or_path"] == str(tmp_path / "original")
