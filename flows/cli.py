@@ -274,6 +274,38 @@ def merge(
     console.print(f"[green]merged[/] {len(merged)} modules into {out} ({dtype})")
 
 
+@app.command()
+def verify(
+    config: Annotated[Path, typer.Argument(help="YAML preset, e.g. configs/demo.yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: verify.rank=4")] = None,  # noqa: UP045
+) -> None:
+    """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
+    from loram_core.config import load_config
+    from loram_core.steps import preflight
+
+    try:
+        cfg = load_config(config, [*(overrides or []), "verify.enabled=true"])
+        preflight(cfg)
+    except LoramError as err:
+        _fail(err)
+    _quiet_libraries()
+    from flows.verify import verify as verify_flow
+
+    try:
+        result = verify_flow(cfg.model_dump(mode="json"))
+    except LoramError as err:
+        _fail(err)
+    _print_summary(result)
+    table = Table(title="LoRA trained small, inferred large (held-out task loss, lower is better)")
+    for col in ("setting", "LoRA trained on", "inference on", "task loss", "token accuracy"):
+        table.add_column(col, justify="right" if col in ("task loss", "token accuracy") else "left")
+    for r in result["verification"]["rows"]:
+        table.add_row(
+            r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
+        )
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from loram_core.config import parse_config
 from tasks import steps as t
+from tasks.verify import verify as verify_task
 
 
 @flow(name="loram-provider")
@@ -26,13 +27,14 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
     aligned = t.align(cfg, pruned, corpus) if cfg.runs("align") else pruned
     nf4 = t.quantize(cfg, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
-    uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation)
+    verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.verify.enabled else None
+    uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
     create_markdown_artifact(
         key="provider-summary",
         markdown=summary_markdown(uri, evaluation),
         description="What this run published",
     )
-    return {"uri": uri, **evaluation}
+    return {"uri": uri, **evaluation, "verification": verification}
 
 
 PPL_ROWS = {

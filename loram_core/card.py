@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from loram_core.manifest import Manifest
 from loram_core.sizes import size_rows
+from loram_core.verify.ablation import verification_markdown
 
 
 def _fmt(x) -> str:
@@ -50,4 +51,4 @@ width); `model-nf4/` is the 4-bit NF4 variant for QLoRAM training, if present.
 
 Base fingerprint `{m.base["fingerprint"]}`; corpus fingerprint `{m.corpus.get("fingerprint", "n/a")}`;
 code `{m.code_version}`.
-"""
+""" + verification_markdown(m.verification)

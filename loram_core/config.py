@@ -291,6 +291,38 @@ class PublishConfig(_Section):
     )
 
 
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class VerifyConfig(_Section):
+    """Verification: a LoRA trained on the published base, recovered and run on the original (LoRAM Fig. 6).
+
+    Off by default; `loram verify CONFIG` turns it on. It runs after evaluate and before publish, so
+    the version's model card and manifest carry its table. See `loram_core/verify/`.
+    """
+
+    enabled: bool = False
+    words: int = Field(5, ge=2, le=32, description="Words per task prompt (the response reverses them).")
+    train_examples: int = Field(512, ge=8, description="Task examples from the corpus's training documents.")
+    heldout_examples: int = Field(64, ge=8, description="Task examples from its held-out documents (scored).")
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling alpha / r).")
+    target_modules: list[LoraTarget] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Linears that get a LoRA (attention and MLP projections).",
+    )
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    recover_mode: Literal["auto", "zeroA", "normA", "dense", "mask", "complement"] = Field(
+        "auto", description="`loram recover`'s mode: auto is zeroA (structured) or dense (sparse)."
+    )
+    reference: bool = Field(True, description="Also train the LoRA on the original itself (the upper bound).")
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     """The whole provider job; one section per step."""
 
@@ -315,6 +347,7 @@ class PipelineConfig(_Section):
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     @model_validator(mode="after")
     def _calib_samples_alias(self) -> PipelineConfig:

@@ -45,6 +45,9 @@ class Manifest(BaseModel):
     compute: dict[str, Any] = Field(
         default_factory=dict, description="device the steps ran on (name, memory, torch/CUDA versions)"
     )
+    verification: dict[str, Any] | None = Field(
+        None, description="LoRA ablation (loram_core.verify): task, LoRA settings, held-out task loss per row"
+    )
     files: list[FileEntry]
     code_version: str
 

@@ -106,6 +106,9 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.publish.enabled:
         checks.check_bucket(cfg.publish.uri)
     checks.check_writable(cfg.workdir, "workdir")
+    from loram_core.verify import check_verify
+
+    check_verify(cfg)  # verify.rank, verify.recover_mode and align.enabled, before any compute
 
 
 def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
@@ -387,8 +390,12 @@ def publish(
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,
+    verification: dict | None = None,
 ) -> str:
-    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI."""
+    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI.
+
+    `verification` (the `verify` step's record, when it ran) goes into the manifest and the model card.
+    """
     from loram_core.card import model_card
     from loram_core.storage import publish_version
 
@@ -435,6 +442,7 @@ def publish(
             params=evaluation["params"],
             metrics=evaluation["metrics"],
             compute=evaluation.get("compute", {}),
+            verification=verification,
             files=[],
             code_version=code_version(),
         )

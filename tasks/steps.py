@@ -79,6 +79,7 @@ def publish(
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,
+    verification: dict | None = None,
 ) -> str:
     """Upload the version's files, then its manifest; returns the version's URI."""
-    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation)
+    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification)

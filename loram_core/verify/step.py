@@ -1,0 +1,172 @@
+"""The pipeline's `verify` step: its preflight checks and the cached run of the ablation.
+
+It runs after evaluate and before publish (when `verify.enabled`), so the version is published
+once, with the evidence in its model card and manifest: versions stay immutable. Like every step
+it writes into `<workdir>/verify-<hash of inputs and settings>` via a temporary directory, so a
+re-run (or `loram verify` on a config whose steps are done) only pays for what changed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig
+
+from loram_core.config import SPARSE, PipelineConfig, fingerprint
+from loram_core.data import read_documents, resolve_files
+from loram_core.device import describe, resolve_device
+from loram_core.errors import ConfigError, LoramError
+from loram_core.models import head_dim, load_config
+from loram_core.verify.ablation import run_ablation
+from loram_core.verify.task import TASK_NAME, encode, make_task, task_fingerprint
+
+_STRUCTURED_MODES = ("auto", "zeroA", "normA")
+_SPARSE_MODES = ("auto", "dense", "mask", "complement")
+
+
+def _base_config(cfg: PipelineConfig) -> PretrainedConfig:
+    """The original model's config, without loading weights (the demo's is built from its settings)."""
+    if cfg.base.source != "demo":
+        from loram_core.prune.plan import read_model_config
+
+        return read_model_config(cfg.base.source)
+    d = cfg.base.demo
+    return LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+                       num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
+                       num_key_value_heads=d.num_key_value_heads, tie_word_embeddings=False)  # fmt: skip
+
+
+def narrowest_target(config: PretrainedConfig, cfg: PipelineConfig) -> tuple[int, str, int]:
+    """(layer, module, width) of the narrowest side of any LoRA target in the pruned model.
+
+    A LoRA of rank r on a `[out, in]` linear adds `B @ A` of rank at most `min(in, out)`; a rank
+    above that trains extra parameters that can change nothing, and says the setting is a mistake.
+    """
+    from loram_core.prune.plan import plan
+
+    hd, hidden = head_dim(config), config.hidden_size
+    narrowest = (0, "", hidden)
+    for i, w in enumerate(plan(config, cfg.prune).layers):
+        q, kv, inter = w["heads"] * hd, w["kv_heads"] * hd, w["intermediate"]
+        sides = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": q, "gate_proj": inter, "up_proj": inter,
+                 "down_proj": inter}  # fmt: skip
+        for module in cfg.verify.target_modules:
+            width = min(sides[module], hidden)
+            if width < narrowest[2]:
+                narrowest = (i, module, width)
+    return narrowest
+
+
+def check_verify(cfg: PipelineConfig) -> None:
+    """Refuse a `verify` section that cannot run on this pipeline, before any compute.
+
+    Raises:
+        ConfigError: verification without alignment, a recovery mode for the other kind of
+            strategy, or a LoRA rank above the narrowest pruned width.
+    """
+    v = cfg.verify
+    if not v.enabled:
+        return
+    if not cfg.align.enabled:
+        raise ConfigError(
+            "verify.enabled=true needs a pruned and aligned base: it compares a LoRA trained on the aligned "
+            "base with one trained on the base pruned without alignment, and align.enabled=false leaves "
+            "nothing to compare. Set align.enabled=true (or verify.enabled=false)."
+        )
+    sparse = cfg.prune.strategy in SPARSE
+    allowed = _SPARSE_MODES if sparse else _STRUCTURED_MODES
+    if v.recover_mode not in allowed:
+        raise ConfigError(
+            f"verify.recover_mode={v.recover_mode!r} does not apply to prune.strategy={cfg.prune.strategy!r}; "
+            f"use one of {list(allowed)}."
+        )
+    config = _base_config(cfg)
+    layer, module, width = narrowest_target(config, cfg)
+    if v.rank > width:
+        raise ConfigError(
+            f"verify.rank={v.rank} is larger than the pruned model allows: layer {layer}'s {module} has a side of "
+            f"{width} after pruning (prune.strategy={cfg.prune.strategy}, prune.ratio={cfg.prune.ratio}), and a "
+            f"LoRA update there has rank at most {width}. Lower verify.rank to {width} or less, or drop {module} "
+            "from verify.target_modules."
+        )
+
+
+def check_aligned(pruned_dir: str, aligned_dir: str) -> None:
+    """Refuse to verify a base that is not pruned and aligned.
+
+    Raises:
+        LoramError: `aligned_dir` is not a pruned checkpoint with masks, or is the unaligned one.
+    """
+    config = load_config(aligned_dir)
+    if (
+        not getattr(config, "loram", None)
+        or not (Path(aligned_dir) / "masks" / "masks.safetensors").is_file()
+    ):
+        raise LoramError(
+            f"the base to verify at {aligned_dir!r} is not a LoRAM base (no `loram` section in config.json or no "
+            "masks/masks.safetensors); verification trains on the pipeline's pruned and aligned output."
+        )
+    if (
+        Path(aligned_dir).resolve() == Path(pruned_dir).resolve()
+        or not (Path(aligned_dir) / "train_log.json").is_file()
+    ):
+        raise LoramError(
+            f"the base to verify at {aligned_dir!r} was pruned but not aligned, so the ablation would compare it "
+            "with itself. Run alignment (align.enabled=true) before verify."
+        )
+
+
+def verify(cfg: PipelineConfig, base_dir: str, pruned_dir: str, aligned_dir: str, blocks_file: str) -> dict:
+    """Run (or reuse) the ablation for this pipeline's base; returns the `verification` record.
+
+    Args:
+        cfg: the pipeline config (`verify`, `corpus`, `device`, `workdir` are used).
+        base_dir: the original checkpoint.
+        pruned_dir: the prune step's output (the base without alignment).
+        aligned_dir: the align step's output (the base that is published).
+        blocks_file: the corpus blocks (part of the cache key: the task comes from the same corpus).
+
+    Returns:
+        `{"task", "lora", "recover_mode", "rows", "device", "seconds"}`, as the manifest records it.
+
+    Raises:
+        LoramError: the base is not pruned-aligned, or the corpus is too small for the task sets.
+    """
+    check_aligned(pruned_dir, aligned_dir)
+    device = resolve_device(cfg.device)
+    v, c = cfg.verify, cfg.corpus
+    key = {"verify": v.model_dump(), "dirs": [base_dir, pruned_dir, aligned_dir], "corpus": blocks_file,
+           "split": [c.paths, c.format, c.text_field, c.heldout_fraction], "device": device.type}  # fmt: skip
+    out = Path(cfg.workdir).expanduser() / f"verify-{fingerprint(key)}"
+    if (out / "verification.json").is_file():
+        return json.loads((out / "verification.json").read_text())
+    t0 = time.perf_counter()
+    docs = read_documents(resolve_files(c, cfg.base.cache_dir), c.format, c.text_field)
+    train, heldout = make_task(
+        docs, v.words, v.train_examples, v.heldout_examples, c.heldout_fraction, v.seed
+    )
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, examples in (("train", train), ("heldout", heldout)):
+        (tmp / f"task-{name}.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in examples))
+    result = run_ablation(v, base_dir, pruned_dir, aligned_dir, encode(train, tokenizer), encode(heldout, tokenizer),
+                          tmp, device)  # fmt: skip
+    verification = {
+        "task": {"name": TASK_NAME, "words": v.words, "train_examples": len(train),
+                 "heldout_examples": len(heldout), "fingerprint": task_fingerprint(train + heldout)},
+        "lora": {k: v.model_dump(mode="json")[k] for k in ("rank", "alpha", "target_modules", "steps",
+                                                          "batch_size", "lr", "seed")},
+        **result,
+        "device": f"{describe(device)['device']} ({describe(device)['name']})",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    (tmp / "verification.json").write_text(json.dumps(verification, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return verification
