@@ -282,9 +282,11 @@ def verify(
     """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
     from loram_core.config import load_config
     from loram_core.steps import preflight
+    from loram_core.verify import require_alignment
 
     try:
         cfg = load_config(config, [*(overrides or []), "verify.enabled=true"])
+        require_alignment(cfg)
         preflight(cfg)
     except LoramError as err:
         _fail(err)

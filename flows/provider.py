@@ -27,7 +27,7 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
     aligned = t.align(cfg, pruned, corpus) if cfg.runs("align") else pruned
     nf4 = t.quantize(cfg, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
-    verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.verify.enabled else None
+    verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None
     uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
     create_markdown_artifact(
         key="provider-summary",

@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.provider import provider
 from loram_core.config import parse_config
+from loram_core.verify import require_alignment
 
 
 @flow(name="loram-verify")
@@ -21,4 +22,5 @@ def verify(config: dict[str, Any]) -> dict[str, Any]:
     """Run the provider steps (cached) plus the LoRA ablation and publish; `config` is a `PipelineConfig` dict."""
     cfg = parse_config(config)
     cfg.verify.enabled = True
+    require_alignment(cfg)
     return provider.fn(cfg.model_dump(mode="json"))

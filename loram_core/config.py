@@ -361,8 +361,13 @@ class PipelineConfig(_Section):
             self.prune.calib_samples = self.calibration.samples
         return self
 
-    def runs(self, step: Literal["align", "quantize"]) -> bool:
-        """Whether this run makes the model of `step` (`until` reaches it and its section is enabled)."""
+    def runs(self, step: Literal["align", "quantize", "verify"]) -> bool:
+        """Whether this run makes the model of `step` (`until` reaches it and its section is enabled).
+
+        Verification needs the aligned model: it runs when enabled and alignment runs.
+        """
+        if step == "verify":
+            return self.verify.enabled and self.runs("align")
         if step == "align":
             return self.until != "prune" and self.align.enabled
         return self.until == "quantize" and self.quantize.enabled

@@ -61,22 +61,36 @@ def narrowest_target(config: PretrainedConfig, cfg: PipelineConfig) -> tuple[int
     return narrowest
 
 
+def require_alignment(cfg: PipelineConfig) -> None:
+    """Refuse an explicit verification request (`loram verify`, the verify flow) on a run without alignment.
+
+    A preset that enables `verify` simply skips it on a run that does not align (`--until prune`,
+    `align.enabled=false`); asking for verification itself on such a run is an error.
+
+    Raises:
+        ConfigError: naming the setting that turns alignment off.
+    """
+    if not cfg.runs("align"):
+        setting = "align.enabled=false" if not cfg.align.enabled else f"until={cfg.until}"
+        raise ConfigError(
+            f"verification needs a pruned and aligned base ({setting} leaves no alignment): it compares a "
+            "LoRA trained on the aligned base with one trained on the base pruned without alignment. "
+            "Run with alignment (align.enabled=true, until align or quantize)."
+        )
+
+
 def check_verify(cfg: PipelineConfig) -> None:
     """Refuse a `verify` section that cannot run on this pipeline, before any compute.
 
+    Verification runs when `verify.enabled` and the run aligns (`PipelineConfig.runs("verify")`).
+
     Raises:
-        ConfigError: verification without alignment, a recovery mode for the other kind of
-            strategy, or a LoRA rank above the narrowest pruned width.
+        ConfigError: a recovery mode for the other kind of strategy, or a LoRA rank above the
+            narrowest pruned width.
     """
     v = cfg.verify
-    if not v.enabled:
+    if not cfg.runs("verify"):
         return
-    if not cfg.align.enabled:
-        raise ConfigError(
-            "verify.enabled=true needs a pruned and aligned base: it compares a LoRA trained on the aligned "
-            "base with one trained on the base pruned without alignment, and align.enabled=false leaves "
-            "nothing to compare. Set align.enabled=true (or verify.enabled=false)."
-        )
     sparse = cfg.prune.strategy in SPARSE
     allowed = _SPARSE_MODES if sparse else _STRUCTURED_MODES
     if v.recover_mode not in allowed:

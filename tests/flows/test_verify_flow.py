@@ -98,7 +98,7 @@ def test_verify_flow_publishes_the_ablation_table_in_the_card_the_manifest_and_a
             "verify.rank=64",
             "verify.rank=64 is larger than the pruned model allows: layer 1's k_proj has a side of 32",
         ),
-        ("align.enabled=false", "verify.enabled=true needs a pruned and aligned base"),
+        ("align.enabled=false", "verification needs a pruned and aligned base (align.enabled=false"),
         (
             "verify.recover_mode=dense",
             "verify.recover_mode='dense' does not apply to prune.strategy='random'",

@@ -10,7 +10,7 @@ import torch
 
 from loram_core.config import load_config
 from loram_core.errors import ConfigError, LoramError
-from loram_core.verify import check_aligned, check_verify, encode, make_task, task_loss
+from loram_core.verify import check_aligned, check_verify, encode, make_task, require_alignment, task_loss
 from loram_core.verify.task import IGNORE, Example, make_example
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -78,10 +78,15 @@ def _demo(*overrides: str):
 def test_preflight_refuses_verify_without_alignment_a_rank_above_the_pruned_width_and_a_wrong_mode() -> None:
     check_verify(_demo())  # the shipped demo passes
     check_verify(_demo("verify.enabled=false", "align.enabled=false", "verify.rank=4096"))  # off: unchecked
+    # a preset's verify is skipped on a run without alignment; asking for verification itself is refused
+    check_verify(_demo("align.enabled=false", "verify.rank=4096"))
+    assert not _demo("until=prune").runs("verify")
     with pytest.raises(
-        ConfigError, match=r"verify\.enabled=true needs a pruned and aligned base.*align\.enabled=true"
+        ConfigError, match=r"needs a pruned and aligned base \(align\.enabled=false.*align\.enabled=true"
     ):
-        check_verify(_demo("align.enabled=false"))
+        require_alignment(_demo("align.enabled=false"))
+    with pytest.raises(ConfigError, match=r"needs a pruned and aligned base \(until=prune"):
+        require_alignment(_demo("until=prune"))
     # demo: 2 KV heads of 32 dims, random 0.65 keeps 1 -> k_proj/v_proj have 32 outputs in layers 1-4
     with pytest.raises(
         ConfigError, match=r"verify\.rank=64 .*layer 1's k_proj has a side of 32.*rank at most 32"
