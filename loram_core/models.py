@@ -9,6 +9,7 @@ path serves plain, pruned and bitsandbytes-quantized checkpoints.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from loram_core.errors import LoramError
@@ -160,6 +161,12 @@ def load_config(path: str | Path) -> PretrainedConfig:
             f"no model at {str(path)!r}: config.json is missing. Point base.source at a directory "
             "holding a transformers checkpoint (config.json + *.safetensors), or use base.source=demo."
         )
+    data = json.loads((path / "config.json").read_text())
+    if "auto_map" in data:  # a published version's modeling code (loram_core.stock): read as the family
+        from loram_core.stock import plain_config_dict
+
+        plain = plain_config_dict(data)
+        return CONFIG_MAPPING[plain.pop("model_type")].from_dict(plain)
     return AutoConfig.from_pretrained(path)
 
 

@@ -339,6 +339,7 @@ def publish(
 ) -> str:
     """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI."""
     from loram_core.card import model_card
+    from loram_core.stock import ship_modeling_code
     from loram_core.storage import publish_version
 
     version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -351,6 +352,9 @@ def publish(
         shutil.copytree(Path(aligned_dir) / "masks", staging / "masks")
         if nf4_dir is not None:
             shutil.copytree(nf4_dir, staging / "model-nf4")
+        for variant in ("model", "model-nf4"):  # per-layer widths: ship the modeling code (auto_map)
+            if (staging / variant).is_dir():
+                ship_modeling_code(staging / variant)
         base_config = load_config(base_dir)
         manifest = Manifest(
             name=cfg.publish.name,
