@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loram_core.errors import LoramError
+from loram_core.report import format_gib, recovery_sentence
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LoRAM provider: prune, align, quantize, publish."
@@ -98,16 +99,12 @@ def _print_summary(result: dict) -> None:
     table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{p['pruned_params']:,}")
     table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{p['pruned_params']:,}")
     if "aligned_nf4_ppl" in m:
-        table.add_row("aligned, NF4", f"{m['aligned_nf4_ppl']:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
+        table.add_row("aligned, NF4", f"{m['aligned_nf4_ppl']:.2f}", format_gib(p["hbm_gb_4bit_actual"]))
     console.print(table)
     compute = result.get("compute") or {}
     if compute:
         console.print(f"computed on {compute['device']} ({compute.get('name', '')})", highlight=False)
-    recovered = m.get("recovered")
-    console.print(
-        f"reduction {p['reduction']:.2f}x; alignment recovered "
-        + (f"{100 * recovered:.0f}% of the pruning damage" if recovered is not None else "n/a")
-    )
+    console.print(f"reduction {p['reduction']:.2f}x; {recovery_sentence(m)}", highlight=False)
 
 
 @app.command()
@@ -167,8 +164,8 @@ def plan(
         table.add_row(f"{i}{mark}", str(w["heads"]), str(w["kv_heads"]), str(w["intermediate"]))
     console.print(table)
     console.print(
-        f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {p.hbm_gb:.2f} GB bf16, "
-        f"{p.hbm_gb_4bit:.2f} GB 4-bit (QLoRAM accounting), {p.hbm_gb_4bit_actual:.2f} GB 4-bit actual"
+        f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {format_gib(p.hbm_gb)} bf16, "
+        f"{format_gib(p.hbm_gb_4bit)} 4-bit (QLoRAM accounting), {format_gib(p.hbm_gb_4bit_actual)} 4-bit actual"
     )
 
 

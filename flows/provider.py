@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loram_core.config import parse_config
+from loram_core.report import format_gib, recovery_sentence
 from tasks import steps as t
 
 
@@ -48,8 +49,10 @@ def summary_markdown(uri: str, evaluation: dict) -> str:
         ("original parameters", p["original_params"]),
         ("pruned parameters", p["pruned_params"]),
         ("reduction", p["reduction"]),
-        ("HBM GB (bf16)", p["hbm_gb"]),
-        ("HBM GB (4-bit, QLoRAM)", p["hbm_gb_4bit"]),
+        ("HBM (bf16)", format_gib(p["hbm_gb"])),
+        ("HBM (4-bit, QLoRAM)", format_gib(p["hbm_gb_4bit"])),
+        ("HBM (4-bit, NF4 as stored)", format_gib(p["hbm_gb_4bit_actual"])),
+        ("alignment", recovery_sentence(m)),
     ]
     compute = evaluation.get("compute", {})
     if compute:

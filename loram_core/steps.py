@@ -352,9 +352,9 @@ def publish(
         shutil.copytree(Path(aligned_dir) / "masks", staging / "masks")
         if nf4_dir is not None:
             shutil.copytree(nf4_dir, staging / "model-nf4")
-        for variant in ("model", "model-nf4"):  # per-layer widths: ship the modeling code (auto_map)
-            if (staging / variant).is_dir():
-                ship_modeling_code(staging / variant)
+        # Per-layer widths: the variant ships its modeling code (auto_map), see loram_core.stock.
+        variants = [staging / v for v in ("model", "model-nf4") if (staging / v).is_dir()]
+        remote_code = any([ship_modeling_code(v) for v in variants])
         base_config = load_config(base_dir)
         manifest = Manifest(
             name=cfg.publish.name,
@@ -376,7 +376,7 @@ def publish(
             files=[],
             code_version=code_version(),
         )
-        (staging / "README.md").write_text(model_card(manifest, cfg.publish.uri))
+        (staging / "README.md").write_text(model_card(manifest, cfg.publish.uri, remote_code=remote_code))
         manifest.files = list_files(staging)
         return publish_version(staging, manifest, cfg.publish.uri)
     finally:
