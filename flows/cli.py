@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loram_core.errors import LoramError
@@ -30,17 +31,25 @@ def _fail(err: Exception) -> None:
 def run(
     config: Annotated[Path, typer.Argument(help="YAML preset, e.g. configs/demo.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: prune.ratio=0.5")] = None,  # noqa: UP045
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show Prefect's tracebacks of handled errors")
+    ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
+    from flows._console import check_api_reachable, log_file_for, route_tracebacks
     from loram_core.config import load_config
     from loram_core.steps import preflight
 
     try:
         cfg = load_config(config, overrides or [])
         preflight(cfg)
+        check_api_reachable()
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
+    log_file = log_file_for(cfg.workdir)
+    if not debug:
+        route_tracebacks(log_file)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flows.provider import provider
@@ -69,10 +78,24 @@ def run(
         try:
             result = provider(cfg.model_dump(mode="json"))
         except LoramError as err:
+            if not debug:
+                err = LoramError(f"{err}\n(full log with tracebacks: {log_file}; `--debug` shows them here)")
             _fail(err)
+        except RuntimeError as err:
+            if "ephemeral Prefect API server" not in str(err):
+                raise
+            _fail(_ephemeral_server_error(err))
         finally:
             _progress.LISTENERS.remove(listen)
     _print_summary(result)
+
+
+def _ephemeral_server_error(err: RuntimeError) -> LoramError:
+    return LoramError(
+        f"{err} Prefect's temporary server (ephemeral mode) did not start in time, typically on a busy machine "
+        "migrating a fresh database: raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 120), or run "
+        "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
+    )
 
 
 def _quiet_libraries() -> None:
@@ -108,7 +131,7 @@ def _print_summary(result: dict) -> None:
 
 
 @app.command()
-def inspect(uri: Annotated[str, typer.Argument(help="<bucket>/<name>[/<version>]")]) -> None:
+def inspect(uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<version>]"))]) -> None:
     """Verify a published version against its manifest and print the manifest."""
     from loram_core.storage import verify_version
 
