@@ -190,14 +190,12 @@ def _avoid_bnb_cpu_packing(model: nn.Module) -> None:
     bitsandbytes 0.50 repacks NF4 weights for a fast CPU kernel at the first inference call and
     fails unless the output width is a multiple of 32 and the input width a multiple of the
     quantization block (64); pruned widths often are not (e.g. 2 KV heads of 24 dims). The generic
-    path gives the same result, only slower. GPUs are unaffected.
+    path gives the same result, only slower. GPUs are unaffected. The rule lives in the modeling
+    code published versions ship, so stock loads of those apply the same one.
     """
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-        if module.out_features % 32 or module.in_features % blocksize:
-            module.support_avx512bf16_for_cpu = False
+    from loram_core.modeling_loram import keep_bnb_cpu_path_safe
+
+    keep_bnb_cpu_path_safe(model)
 
 
 def build_model(config: PretrainedConfig, device: str | torch.device = "cpu") -> PreTrainedModel:

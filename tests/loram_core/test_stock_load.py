@@ -47,6 +47,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         evaluation = steps.evaluate(cfg, base, pruned, aligned, nf4, blocks)
         uri = steps.publish(cfg, base, blocks, aligned, nf4, evaluation)
         versions[strategy] = Path(uri.removeprefix("file://"))
+    versions["original"] = Path(base)
     return versions
 
 
@@ -61,7 +62,7 @@ def _linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_stock_from_pretrained_matches_load_model_and_trains_lora(
-    published: dict[str, Path], strategy: str, variant: str
+    published: dict[str, Path], strategy: str, variant: str, tmp_path: Path
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -100,6 +101,18 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
     assert torch.isfinite(loss)
     b_after = lora.base_model.model.model.layers[1].mlp.gate_proj.lora_B["default"].weight
     assert not torch.equal(b_before, b_after)  # the step reached the pruned layer's adapter
+    if structured and variant == "model":  # the adapter recovers onto the original, from the bucket URI
+        from peft import PeftModel
+
+        from loram_core.recover import recover
+
+        adapter, full = tmp_path / "lora", tmp_path / "lora-full"
+        lora.save_pretrained(adapter)
+        recover(f"file://{published[strategy]}", adapter, full, original=published["original"])
+        original = AutoModelForCausalLM.from_pretrained(published["original"])
+        recovered = PeftModel.from_pretrained(original, full)
+        grown = recovered.base_model.model.model.layers[1].mlp.gate_proj.lora_B["default"].weight
+        assert grown.shape == (128, 4) and torch.count_nonzero(grown.abs().sum(1)) <= 44
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
