@@ -49,7 +49,7 @@ def _load_section(remote_code: bool, nf4: bool, dest: str) -> str:
     code = f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{dest}/model")
+tokenizer = AutoTokenizer.from_pretrained("{dest}/model"{flag})
 model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag}, dtype="bfloat16")
 {"model_4bit = AutoModelForCausalLM.from_pretrained(" + repr(dest + "/model-nf4") + flag + ")  # QLoRAM: needs bitsandbytes" + chr(10) if nf4 else ""}```"""
     if not remote_code:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loram_core import steps
 from loram_core.config import load_config
@@ -72,6 +72,8 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
     assert (path / MODELING_FILE).is_file() == structured
     assert ("auto_map" in json.loads((path / "config.json").read_text())) == structured
     stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=structured, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=structured)
+    assert tokenizer("def f(x):").input_ids  # the variant is complete: its tokenizer ships with it
     ours = load_model(path, dtype=torch.bfloat16)
     assert type(stock).__name__ == ("LoramLlamaForCausalLM" if structured else "LlamaForCausalLM")
     assert _linear_shapes(stock) == _linear_shapes(ours)
