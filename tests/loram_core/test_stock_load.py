@@ -165,3 +165,39 @@ def test_modeling_code_is_shipped_only_where_stock_classes_would_fail() -> None:
     assert not needs_modeling_code(odd)
     assert needs_modeling_code({**odd, **nf4})
     assert cpu_unpackable({**odd, **nf4}) == [(44, 64), (64, 44)]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_shipped_code_builds_each_family_with_per_layer_widths(tmp_path: Path, family: str) -> None:
+    """Qwen2's q/k/v biases and Mistral's class load through the same shipped file, logits equal."""
+    from transformers import MistralConfig
+
+    from loram_core.config import parse_config
+    from loram_core.models import build_model
+    from loram_core.prune.plan import structured_config
+    from loram_core.stock import ship_modeling_code
+    from tests.conftest import tiny_config
+
+    config = tiny_config("qwen2" if family == "qwen2" else "llama", num_hidden_layers=3)
+    if family == "mistral":
+        config = MistralConfig(
+            **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        )
+    prune = parse_config(
+        {"prune": {"strategy": "random", "ratio": 0.5, "keep_first": 1, "keep_last": 1}}
+    ).prune
+    torch.manual_seed(0)
+    model = build_model(structured_config(config, prune)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # stock init zeroes biases; make Qwen2's matter
+    model.save_pretrained(tmp_path)
+    assert ship_modeling_code(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == f"loram_{family}"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert _linear_shapes(stock) == _linear_shapes(model)
+    assert stock.model.layers[1].mlp.gate_proj.out_features == 64
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits)
