@@ -180,15 +180,24 @@ app(sys.argv[1:], prog_name="loram")
 """
 
 
-def test_handled_error_in_a_task_prints_one_paragraph_and_logs_the_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("debug", [False, True])
+def test_handled_error_in_a_task_prints_one_paragraph_and_logs_the_traceback(
+    tmp_path: Path, debug: bool
+) -> None:
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral mode
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh database on a busy machine
-    args = ["run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"]
+    args = ["run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"] + (
+        ["--debug"] if debug else []
+    )
     result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args], capture_output=True, text=True,
                             cwd=REPO, timeout=400, env=env)  # fmt: skip
     assert result.returncode == 2, result.stderr
+    if debug:  # Prefect's own logging, tracebacks included, and the paragraph last
+        assert result.stderr.count("Traceback (most recent call last)") == 2
+        assert "error: the base went away" in result.stderr and not (tmp_path / "w" / "logs").exists()
+        return
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.count("the base went away") == 1  # the error paragraph only
     logs = list((tmp_path / "w" / "logs").glob("run-*.log"))
