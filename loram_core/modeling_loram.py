@@ -106,17 +106,19 @@ def keep_bnb_cpu_path_safe(model: nn.Module) -> int:
     return switched
 
 
+def _guard_before_forward(model: nn.Module, args: Any) -> None:
+    keep_bnb_cpu_path_safe(model)
+
+
 class _LoramMixin:
     """Resizes layers after the stock constructor; guards the NF4 CPU kernel before each forward."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         resize_layers(self)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # Quantized linears replace ours after __init__, so the guard runs here (a cheap scan).
-        keep_bnb_cpu_path_safe(self)
-        return super().forward(*args, **kwargs)
+        # Quantized linears replace ours after __init__, so the guard runs at each call (a cheap
+        # scan); a hook, not a `forward` override, keeps forward's signature (Trainer reads it).
+        self.register_forward_pre_hook(_guard_before_forward)
 
 
 class LoramLlamaConfig(LlamaConfig):

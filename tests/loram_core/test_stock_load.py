@@ -150,6 +150,26 @@ def test_nf4_cpu_guard_follows_bitsandbytes_packing_rule(published: dict[str, Pa
         assert m.support_avx512bf16_for_cpu == packs, (m.in_features, m.out_features)
 
 
+def test_nf4_forward_survives_the_avx512_path_for_odd_widths(published: dict[str, Path]) -> None:
+    """As a consumer's AVX512-BF16 CPU does, mark the odd-width NF4 linears for repacking: without the
+    guard bitsandbytes fails with "N must be divisible by block_n"; with it, forward and generate run."""
+    import inspect
+
+    stock = AutoModelForCausalLM.from_pretrained(
+        published["structured"] / "model-nf4", trust_remote_code=True
+    )
+    odd = [m for m in stock.modules() if hasattr(m, "support_avx512bf16_for_cpu") and m.out_features % 32]
+    assert odd
+    for m in odd:
+        m.support_avx512bf16_for_cpu = True
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(stock.eval()(ids).logits).all()
+    assert not any(m.support_avx512bf16_for_cpu for m in odd)
+    assert stock.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+    assert "input_ids" in inspect.signature(stock.forward).parameters  # Trainer keeps the dataset's columns
+
+
 def test_modeling_code_is_shipped_only_where_stock_classes_would_fail() -> None:
     dense = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
              "num_key_value_heads": 2, "num_hidden_layers": 2}  # fmt: skip
