@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from loram_core.card import consumer_uri
 from loram_core.errors import LoramError
 from loram_core.report import format_gib, recovery_sentence
 
@@ -114,7 +115,7 @@ def _quiet_libraries() -> None:
 
 def _print_summary(result: dict) -> None:
     m, p = result["metrics"], result["params"]
-    table = Table(title=f"published {result['uri']}")
+    table = Table(title=f"published {consumer_uri(result['uri'])}")  # absolute: usable from anywhere
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
     table.add_column("parameters", justify="right")

@@ -33,7 +33,7 @@ def test_console_drops_handled_errors_and_keeps_bugs() -> None:
     assert keep(_record(None, "Finished in state Completed()", logging.INFO))
 
 
-def test_run_summary_sizes_and_recovery_read_right(monkeypatch) -> None:
+def test_run_summary_sizes_and_recovery_read_right(monkeypatch, tmp_path) -> None:
     """The demo's NF4 footprint (0.0013 GiB) once printed as "0.00 GB"; a >100% recovery went unexplained."""
     import io
 
@@ -50,7 +50,11 @@ def test_run_summary_sizes_and_recovery_read_right(monkeypatch) -> None:
         "reduction": 1.39,
         "hbm_gb_4bit_actual": 0.0013,
     }
-    cli._print_summary({"uri": "file:///b/demo-llama/v1", "metrics": metrics, "params": params})
+    monkeypatch.chdir(tmp_path)
+    cli._print_summary({"uri": "file://./bucket/demo-llama/v1", "metrics": metrics, "params": params})
     text = out.getvalue()
+    assert f"publishedfile://{tmp_path.resolve()}/bucket/demo-llama/v1" in "".join(
+        text.split()
+    )  # title wraps
     assert "1.33 MiB" in text and "GB" not in text and "0.00" not in text
     assert "alignment recovered 137% of the pruning damage" in text and "beats the original" in text
