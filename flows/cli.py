@@ -9,9 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from loram_core.card import consumer_uri
 from loram_core.errors import LoramError
+from loram_core.report import format_gib, recovery_sentence
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LoRAM provider: prune, align, quantize, publish."
@@ -41,8 +44,12 @@ def run(
             "--no-publish", help="write the version under <workdir>/local-bucket (publish.enabled=false)"
         ),
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show Prefect's tracebacks of handled errors")
+    ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
+    from flows._console import check_api_reachable, log_file_for, route_tracebacks
     from loram_core.config import load_config
     from loram_core.steps import preflight
 
@@ -52,9 +59,13 @@ def run(
     try:
         cfg = load_config(config, [*(overrides or []), *flags])
         preflight(cfg)
+        check_api_reachable()
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
+    log_file = log_file_for(cfg.workdir)
+    if not debug:
+        route_tracebacks(log_file)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flows.provider import provider
@@ -83,10 +94,24 @@ def run(
         try:
             result = provider(cfg.model_dump(mode="json"))
         except LoramError as err:
+            if not debug:
+                err = LoramError(f"{err}\n(full log with tracebacks: {log_file}; `--debug` shows them here)")
             _fail(err)
+        except RuntimeError as err:
+            if "ephemeral Prefect API server" not in str(err):
+                raise
+            _fail(_ephemeral_server_error(err))
         finally:
             _progress.LISTENERS.remove(listen)
     _print_summary(result)
+
+
+def _ephemeral_server_error(err: RuntimeError) -> LoramError:
+    return LoramError(
+        f"{err} Prefect's temporary server (ephemeral mode) did not start in time, typically on a busy machine "
+        "migrating a fresh database: raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 120), or run "
+        "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
+    )
 
 
 def _quiet_libraries() -> None:
@@ -107,7 +132,7 @@ def _print_summary(result: dict) -> None:
     from loram_core.sizes import size_rows
 
     m, p = result["metrics"], result["params"]
-    table = Table(title=f"published {result['uri']}")
+    table = Table(title=f"published {consumer_uri(result['uri'])}")  # absolute: usable from anywhere
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
     table.add_column("stored parameters", justify="right")
@@ -118,7 +143,7 @@ def _print_summary(result: dict) -> None:
         table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{stored:,}")
     for key, label in (("aligned_nf4_ppl", "aligned, NF4"), ("pruned_nf4_ppl", "pruned, NF4")):
         if key in m:
-            table.add_row(label, f"{m[key]:.2f}", f"{p['hbm_gb_4bit_actual']:.4f} GB")
+            table.add_row(label, f"{m[key]:.2f}", format_gib(p["hbm_gb_4bit_actual"]))
     console.print(table)
     compute = result.get("compute") or {}
     if compute:
@@ -133,15 +158,11 @@ def _print_summary(result: dict) -> None:
         sizes.add_row(label, shown)
     console.print(sizes)
     if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
-        recovered = m.get("recovered")
-        console.print(
-            "alignment recovered "
-            + (f"{100 * recovered:.0f}% of the pruning damage" if recovered is not None else "n/a")
-        )
+        console.print(recovery_sentence(m), highlight=False)
 
 
 @app.command()
-def inspect(uri: Annotated[str, typer.Argument(help="<bucket>/<name>[/<version>]")]) -> None:
+def inspect(uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<version>]"))]) -> None:
     """Verify a published version against its manifest and print the manifest."""
     from loram_core.storage import verify_version
 
@@ -197,8 +218,8 @@ def plan(
         table.add_row(f"{i}{mark}", str(w["heads"]), str(w["kv_heads"]), str(w["intermediate"]))
     console.print(table)
     console.print(
-        f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {p.hbm_gb:.2f} GB bf16, "
-        f"{p.hbm_gb_4bit:.2f} GB 4-bit (QLoRAM accounting), {p.hbm_gb_4bit_actual:.2f} GB 4-bit actual"
+        f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {format_gib(p.hbm_gb)} bf16, "
+        f"{format_gib(p.hbm_gb_4bit)} 4-bit (QLoRAM accounting), {format_gib(p.hbm_gb_4bit_actual)} 4-bit actual"
     )
 
 

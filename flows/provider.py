@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loram_core.config import parse_config
+from loram_core.report import recovery_sentence
 from tasks import steps as t
 from tasks.verify import verify as verify_task
 
@@ -52,8 +53,8 @@ def summary_markdown(uri: str, evaluation: dict) -> str:
 
     m, p = evaluation["metrics"], evaluation["params"]
     rows = [(label, m[key]) for key, label in PPL_ROWS.items() if key in m]
-    if m.get("recovered") is not None:
-        rows.append(("alignment recovered (share of the pruning damage)", f"{100 * m['recovered']:.0f}%"))
+    if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
+        rows.append(("alignment", recovery_sentence(m)))
     rows += size_rows(p)
     compute = evaluation.get("compute", {})
     if compute:

@@ -9,6 +9,7 @@ path serves plain, pruned and bitsandbytes-quantized checkpoints.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from loram_core.errors import LoramError
@@ -160,6 +161,12 @@ def load_config(path: str | Path) -> PretrainedConfig:
             f"no model at {str(path)!r}: config.json is missing. Point base.source at a directory "
             "holding a transformers checkpoint (config.json + *.safetensors), or use base.source=demo."
         )
+    data = json.loads((path / "config.json").read_text())
+    if "auto_map" in data:  # a published version's modeling code (loram_core.stock): read as the family
+        from loram_core.stock import plain_config_dict
+
+        plain = plain_config_dict(data)
+        return CONFIG_MAPPING[plain.pop("model_type")].from_dict(plain)
     return AutoConfig.from_pretrained(path)
 
 
@@ -183,14 +190,12 @@ def _avoid_bnb_cpu_packing(model: nn.Module) -> None:
     bitsandbytes 0.50 repacks NF4 weights for a fast CPU kernel at the first inference call and
     fails unless the output width is a multiple of 32 and the input width a multiple of the
     quantization block (64); pruned widths often are not (e.g. 2 KV heads of 24 dims). The generic
-    path gives the same result, only slower. GPUs are unaffected.
+    path gives the same result, only slower. GPUs are unaffected. The rule lives in the modeling
+    code published versions ship, so stock loads of those apply the same one.
     """
-    for module in model.modules():
-        if not hasattr(module, "support_avx512bf16_for_cpu"):
-            continue
-        blocksize = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
-        if module.out_features % 32 or module.in_features % blocksize:
-            module.support_avx512bf16_for_cpu = False
+    from loram_core.modeling_loram import keep_bnb_cpu_path_safe
+
+    keep_bnb_cpu_path_safe(model)
 
 
 def build_model(config: PretrainedConfig, device: str | torch.device = "cpu") -> PreTrainedModel:

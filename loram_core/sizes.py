@@ -12,6 +12,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from loram_core.report import format_gib
+
 GIB = 2**30
 
 
@@ -105,9 +107,9 @@ def size_rows(params: dict) -> list[tuple[str, int | float | str]]:
                 f"{_x(params['sparse_kernel_reduction'])} (non-zero weights)",
             )
         )
-    rows += [
-        ("HBM GB (bf16, as stored)", params["hbm_gb"]),
-        ("HBM GB (4-bit, QLoRAM accounting)", params["hbm_gb_4bit"]),
-        ("HBM GB (4-bit, as NF4 stores it)", params["hbm_gb_4bit_actual"]),
+    rows += [  # the manifest's hbm_gb* hold GiB; worded in the unit that keeps them readable
+        ("memory, 16-bit as stored", format_gib(params["hbm_gb"])),
+        ("memory, 4-bit (QLoRAM accounting: a quarter of 16-bit)", format_gib(params["hbm_gb_4bit"])),
+        ("memory, 4-bit as NF4 stores it", format_gib(params["hbm_gb_4bit_actual"])),
     ]
     return rows

@@ -397,6 +397,7 @@ def publish(
     `verification` (the `verify` step's record, when it ran) goes into the manifest and the model card.
     """
     from loram_core.card import model_card
+    from loram_core.stock import ship_modeling_code
     from loram_core.storage import publish_version
 
     version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -411,6 +412,9 @@ def publish(
         shutil.copytree(Path(aligned_dir) / "masks", staging / "masks")
         if nf4_dir is not None:
             shutil.copytree(nf4_dir, staging / "model-nf4")
+        # Per-layer widths: the variant ships its modeling code (auto_map), see loram_core.stock.
+        variants = [staging / v for v in ("model", "model-nf4") if (staging / v).is_dir()]
+        remote_code = any([ship_modeling_code(v) for v in variants])
         base_config = load_config(base_dir)
         manifest = Manifest(
             name=cfg.publish.name,
@@ -446,7 +450,7 @@ def publish(
             files=[],
             code_version=code_version(),
         )
-        (staging / "README.md").write_text(model_card(manifest, uri))
+        (staging / "README.md").write_text(model_card(manifest, uri, remote_code=remote_code))
         manifest.files = list_files(staging)
         return publish_version(staging, manifest, uri)
     finally:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from loram_core.config import SPARSE
 from loram_core.errors import LoramError
+from loram_core.models import load_config
 from loram_core.prune.masks import Masks, load_masks
 
 MASKS = "masks/masks.safetensors"
@@ -63,7 +64,7 @@ def read_base(base: str | Path) -> PrunedBase:
             "the published version (or the prune/align step's output directory), which holds masks/."
         )
     source = json.loads(manifest.read_text())["base"].get("source") if manifest.is_file() else None
-    return _base(AutoConfig.from_pretrained(model_dir), load_masks(masks_file), source, text)
+    return _base(load_config(model_dir), load_masks(masks_file), source, text)
 
 
 def _read_uri(uri: str) -> PrunedBase:
@@ -78,7 +79,7 @@ def _read_uri(uri: str) -> PrunedBase:
                 raise LoramError(f"{version_uri} has no {name}; it is not a complete LoRAM version.")
             (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(Path(tmp) / name))
-        config = AutoConfig.from_pretrained(Path(tmp) / "model")
+        config = load_config(Path(tmp) / "model")
         masks = load_masks(Path(tmp) / MASKS)
     return _base(config, masks, manifest.base.get("source"), version_uri)
 

@@ -175,3 +175,77 @@ def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(t
     assert any(row.startswith("| pruned_ppl |") for row in rows)
     summary = summary_markdown(manifest.version, {"metrics": manifest.metrics, "params": p})
     assert "aligned" not in summary and "alignment" not in summary and "| pruned perplexity |" in summary
+
+
+def test_every_command_prints_its_help() -> None:
+    """`--help` of every registered command renders (rich once read `[/<version>]` as markup and crashed)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    commands = typer.main.get_command(app).commands
+    assert {"run", "inspect", "plan", "recover", "merge"} <= set(commands)
+    for args in [["--help"]] + [[name, "--help"] for name in commands]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0 and result.exception is None, (args, result.output)
+        assert "Usage" in result.output
+    assert "<bucket>/<name>[/<version>]" in CliRunner().invoke(app, ["inspect", "--help"]).output
+
+
+def test_unreachable_prefect_api_is_one_paragraph_before_any_work(tmp_path: Path) -> None:
+    import os
+
+    url = "http://127.0.0.1:9/api"  # the discard port: nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "PREFECT_API_URL": url},
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert f"the Prefect API at PREFECT_API_URL={url} does not answer" in message
+    assert "unset PREFECT_API_URL" in message and "prefect server start" in message
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "w").exists()  # nothing started
+
+
+# `loram run` with a step that fails with a handled error (the code names the value and the fix).
+FAILING_STEP = """
+import sys
+import loram_core.steps
+from loram_core.errors import LoramError
+
+def fail(*args, **kwargs):
+    raise LoramError("the base went away: point base.source at it again.")
+
+loram_core.steps.prepare_base = fail
+from flows.cli import app
+app(sys.argv[1:], prog_name="loram")
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_handled_error_in_a_task_prints_one_paragraph_and_logs_the_traceback(
+    tmp_path: Path, debug: bool
+) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral mode
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh database on a busy machine
+    args = ["run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"] + (
+        ["--debug"] if debug else []
+    )
+    result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args], capture_output=True, text=True,
+                            cwd=REPO, timeout=400, env=env)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    if debug:  # Prefect's own logging, tracebacks included, and the paragraph last
+        assert result.stderr.count("Traceback (most recent call last)") == 2
+        assert "error: the base went away" in result.stderr and not (tmp_path / "w" / "logs").exists()
+        return
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.count("the base went away") == 1  # the error paragraph only
+    logs = list((tmp_path / "w" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and f"full log with tracebacks: {logs[0]}" in " ".join(result.stderr.split())
+    text = logs[0].read_text()
+    assert text.count("Traceback (most recent call last)") == 2  # the task run's and the flow run's
+    assert "LoramError: the base went away" in text

@@ -48,8 +48,12 @@ def _prune(base: Path, out: Path, device: str, **kw) -> tuple[Path, object]:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_magnitude_masks_are_identical_on_the_device(base: Path, tmp_path: Path, device: str) -> None:
-    _, ref = _prune(base, tmp_path / "cpu", "cpu", strategy="unstructured", ratio=0.5, sparse_method="magnitude")
-    _, got = _prune(base, tmp_path / device, device, strategy="unstructured", ratio=0.5, sparse_method="magnitude")
+    _, ref = _prune(
+        base, tmp_path / "cpu", "cpu", strategy="unstructured", ratio=0.5, sparse_method="magnitude"
+    )
+    _, got = _prune(
+        base, tmp_path / device, device, strategy="unstructured", ratio=0.5, sparse_method="magnitude"
+    )
     ref_masks, got_masks = ref.keep_masks(), got.keep_masks()
     assert ref_masks.keys() == got_masks.keys() and len(ref_masks) == 4 * 7
     for name, mask in ref_masks.items():
@@ -87,7 +91,9 @@ def test_streamed_taylor_on_the_device_keeps_the_same_groups(base: Path, tmp_pat
 @pytest.mark.parametrize("optimizer", ["adamw", "flora"])
 def test_alignment_on_the_device_follows_the_cpu(device: str, optimizer: str) -> None:
     blocks = _calib(32, 32, seed=2)
-    cfg = AlignConfig(steps=6, batch_size=4, log_every=1, warmup_steps=0, lr=3e-3, optimizer=optimizer, flora_rank=4)
+    cfg = AlignConfig(
+        steps=6, batch_size=4, log_every=1, warmup_steps=0, lr=3e-3, optimizer=optimizer, flora_rank=4
+    )
     losses, heads = {}, {}
     for where in ("cpu", device):
         model = tiny_model().to(where)
@@ -129,9 +135,16 @@ def test_every_step_computes_on_the_configured_device(
     aligned = steps.align(cfg, pruned, blocks)
     nf4 = steps.quantize(cfg, aligned)
     result = steps.evaluate(cfg, str(base), pruned, aligned, nf4, blocks)
-    assert seen == {k: {device} for k in ("prune_checkpoint", "train_causal_lm", "quantize_checkpoint", "perplexity")}
+    assert seen == {
+        k: {device} for k in ("prune_checkpoint", "train_causal_lm", "quantize_checkpoint", "perplexity")
+    }
     assert result["compute"]["device"].startswith(device)
-    assert set(result["compute"]["eval_seconds"]) == {"original_ppl", "pruned_ppl", "aligned_ppl", "aligned_nf4_ppl"}
+    assert set(result["compute"]["eval_seconds"]) == {
+        "original_ppl",
+        "pruned_ppl",
+        "aligned_ppl",
+        "aligned_nf4_ppl",
+    }
     dtype = json.loads((Path(pruned) / "config.json").read_text())["dtype"]
     assert dtype == ("float32" if device == "cpu" else "bfloat16")  # prune.dtype=auto
     save_masks(load_masks(Path(pruned) / "masks" / "masks.safetensors"), tmp_path / "again.safetensors")
