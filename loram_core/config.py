@@ -177,6 +177,13 @@ class AlignConfig(_Section):
     parallel: Literal["ddp", "fsdp"] = Field("fsdp", description="How torchrun's processes share the model.")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    deadline_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop alignment (its torchrun process group, or the in-process loop at its next log "
+        "line) after this many minutes with a clear error; the checkpoint is kept, so a re-run resumes. "
+        "Prefect's timeout_seconds cannot interrupt blocking GPU code; this can.",
+    )
     seed: int = 0
 
 
