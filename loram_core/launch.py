@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from loram_core.errors import LoramError
@@ -83,20 +83,16 @@ def group_alive(pgid: int) -> bool:
 
 def _signal(pids: set[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def kill_group(pgid: int, grace_s: float = GRACE_S) -> None:
     """SIGTERM the group `pgid` (torchrun's agent forwards it to its workers), then SIGKILL every
     process of its tree still alive after `grace_s` seconds."""
     members = tree(pgid) if Path("/proc/self/stat").is_file() else set()
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     end = time.monotonic() + grace_s
     while time.monotonic() < end:
         members |= tree(pgid)
@@ -104,10 +100,8 @@ def kill_group(pgid: int, grace_s: float = GRACE_S) -> None:
             return
         time.sleep(0.1)
     _signal(members | tree(pgid), signal.SIGKILL)
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _alive(pid: int) -> bool:

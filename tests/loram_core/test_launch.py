@@ -96,7 +96,11 @@ def test_terminating_a_torchrun_alignment_leaves_no_process(tmp_path: Path, prun
     args = ["align.steps=100000", "align.nproc_per_node=2", "align.parallel=ddp", "align.batch_size=2",
             "align.log_every=1", "align.precision=fp32", f"workdir={tmp_path / 'w'}"]  # fmt: skip
     parent = subprocess.Popen(
-        [sys.executable, "-c", ALIGN, pruned_dir, blocks, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", ALIGN, pruned_dir, blocks, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     # Training is under way once rank 0 reports (the parent prints nothing but the workers' lines).
     _wait_for(lambda: list(reg.glob("*.pgid")))
