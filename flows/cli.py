@@ -66,7 +66,7 @@ def run(
 
         _progress.LISTENERS.append(listen)
         try:
-            result = provider(cfg.model_dump(mode="json"))
+            result = provider(cfg)  # the flow validates it again and runs the preflight itself
         except LoramError as err:
             _fail(err)
         finally:

@@ -232,6 +232,12 @@ class PipelineConfig(_Section):
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
+    notify_block: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+/[A-Za-z0-9._-]+$",
+        description="A saved Prefect notification block, `<type-slug>/<name>` (e.g. `slack-webhook/ml-alerts`), "
+        "told when a run fails or crashes.",
+    )
 
 
 def fingerprint(obj: Any) -> str:
