@@ -126,3 +126,85 @@ def test_a_run_leaves_plan_evaluation_and_link_artifacts(
     assert arts["published-version"]["data"] == f"[{result['uri']}]({result['uri']})" and result[
         "uri"
     ].endswith("/demo-llama/v1")
+
+
+def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(
+    prefect_server,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    import tasks._gpu as gpu
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(gpu.GPU_LIMIT).active_slots
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=gpu.GPU_LIMIT, limit=2))
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["align.nproc_per_node=2"])
+    with gpu.gpu_slots(cfg, 2):  # on the CPU: no slot taken
+        assert active() == 0
+    monkeypatch.setattr(gpu, "compute_device", lambda cfg: torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="out of memory"), gpu.gpu_slots(cfg, 2):
+        assert active() == 2
+        raise RuntimeError("CUDA out of memory")  # what a failing step raises
+    assert active() == 0
+
+
+KILLED_IN_QUANTIZE = """
+import sys, time
+from loram_core import steps
+from loram_core.config import load_config
+from flows.provider import provider
+
+real = steps.quantize_checkpoint
+def slow(*args, **kwargs):  # pacing only: leaves time to kill the run inside quantize
+    time.sleep(600)
+    return real(*args, **kwargs)
+steps.quantize_checkpoint = slow
+provider(load_config("configs/demo.yaml", sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_during_quantize_reruns_without_pruning_or_aligning_again(
+    prefect_server,  # noqa: F811
+    cache: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.provider import provider
+
+    work = tmp_path / "work"
+    args = TINY + [f"workdir={work}", f"base.cache_dir={cache}", f"publish.uri=file://{tmp_path / 'bucket'}",
+                   "publish.version=v1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    victim = subprocess.Popen([sys.executable, "-c", KILLED_IN_QUANTIZE, *args], cwd=REPO, env=env)
+    end = time.monotonic() + 600
+    while not list(work.glob("quantize-*.tmp")) and time.monotonic() < end:
+        time.sleep(0.2)
+    assert list(work.glob("quantize-*.tmp")), "the run never reached quantize"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = {
+        p.parent.name: p.stat().st_mtime_ns
+        for p in [*work.glob("prune-*/config.json"), *work.glob("align-*/config.json")]
+    }
+    assert len(done) == 2 and not list(work.glob("quantize-*/config.json"))
+    result = provider(load_config(REPO / "configs" / "demo.yaml", args))
+    assert result["uri"].endswith("/demo-llama/v1")
+    again = {
+        p.parent.name: p.stat().st_mtime_ns
+        for p in [*work.glob("prune-*/config.json"), *work.glob("align-*/config.json")]
+    }
+    assert again == done  # prune and align were found done, not recomputed
+    assert list(work.glob("quantize-*/config.json"))
