@@ -19,6 +19,7 @@ from prefect.runtime import flow_run as current_run
 
 from loram_core import launch
 from loram_core.config import PipelineConfig, parse_config
+from loram_core.errors import ConfigError
 from loram_core.prune.plan import Plan
 
 log = get_logger("loram.ops")
@@ -36,8 +37,11 @@ def model_label(cfg: PipelineConfig) -> str:
 
 def run_name() -> str:
     """The flow run's name: model, strategy and ratio, and what it publishes (`demo random r=0.65 -> demo-llama`)."""
-    cfg = _config(current_run.parameters)
-    ratio = "2:4" if cfg.prune.strategy == "semi" else f"r={cfg.prune.ratio:g}"
+    try:
+        cfg = _config(current_run.parameters)
+    except ConfigError:  # the preflight reports it; the run still needs a name
+        return "loram-provider (invalid config)"
+    ratio = "{}:{}".format(*cfg.prune.n_m) if cfg.prune.strategy == "semi" else f"r={cfg.prune.ratio:g}"
     return f"{model_label(cfg)} {cfg.prune.strategy} {ratio} -> {cfg.publish.name}"
 
 
