@@ -92,7 +92,7 @@ def run(
 
         _progress.LISTENERS.append(listen)
         try:
-            result = provider(cfg.model_dump(mode="json"))
+            result = provider(cfg)  # the flow validates it again and runs the preflight itself
         except LoramError as err:
             if not debug:
                 err = LoramError(f"{err}\n(full log with tracebacks: {log_file}; `--debug` shows them here)")
@@ -327,6 +327,37 @@ def verify(
             r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
         )
     console.print(table)
+
+
+@app.command()
+def deploy(
+    gpus: Annotated[int, typer.Option(help="slots of the `gpu` limit: GPUs of a worker's host")] = 1,
+    spec: Annotated[Path, typer.Option(help="deployments, schedules, pool")] = Path("prefect.yaml"),
+    only: Annotated[Optional[list[str]], typer.Option(help="apply only this deployment (repeatable)")] = None,  # noqa: UP045
+    code_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="checkout workers run the flow from (default: LORAM_CODE_DIR, else here)"),
+    ] = None,
+    automation: Annotated[
+        Path, typer.Option(help="zombie-run automation to apply (replaces one of the same name)")
+    ] = Path("deploy/zombie-runs.yaml"),
+    no_automation: Annotated[bool, typer.Option("--no-automation", help="skip the automation")] = False,
+) -> None:
+    """Create the work pool, the `gpu` limit, the deployments (one per preset, with schedules) and
+    the zombie-run automation on the server PREFECT_API_URL names."""
+    from flows.deploy import apply, default_code_dir
+
+    try:
+        done = apply(spec, gpus, code_dir or default_code_dir(), only, None if no_automation else automation)
+    except LoramError as err:
+        _fail(err)
+    console.print(
+        f"[green]deployed[/] {', '.join(done.deployments)} to work pool {done.pool} on {done.api_url}; "
+        f"concurrency limit gpu = {done.gpu_slots}"
+        + (f"; automation {done.automation}" if done.automation else ""),
+        highlight=False,
+    )
+    console.print(f"start a worker on the GPU host: prefect worker start --pool {done.pool}", highlight=False)
 
 
 def main() -> None:

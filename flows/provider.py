@@ -11,17 +11,33 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from loram_core.config import parse_config
+from flows import ops
+from loram_core.config import PipelineConfig, parse_config
 from loram_core.report import recovery_sentence
 from tasks import steps as t
 from tasks.verify import verify as verify_task
 
 
-@flow(name="loram-provider")
-def provider(config: dict[str, Any]) -> dict[str, Any]:
-    """Prepare one LoRAM base model and publish it; `config` is a `PipelineConfig` as a dict."""
-    cfg = parse_config(config)
+@flow(
+    name="loram-provider",
+    flow_run_name=ops.run_name,
+    on_cancellation=[ops.stop_children],
+    on_crashed=[ops.stop_children, ops.notify_failure],
+    on_failure=[ops.notify_failure],
+)
+def provider(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # noqa: B008 - immutable default
+    """Prepare one LoRAM base model and publish it.
+
+    Args:
+        config: the whole pipeline (the UI's run form shows its schema and defaults); a dict is
+            validated into a `PipelineConfig`. Checked in the preflight before any compute.
+    """
+    cfg = config if isinstance(config, PipelineConfig) else parse_config(config)
+    ops.tag_run(cfg)
+    ops.track_children(cfg)
+    t.preflight(cfg)
     base = t.prepare_base(cfg)
+    ops.plan_artifact_for(cfg, base)
     corpus = t.prepare_corpus(cfg, base)
     pruned = t.prune(cfg, base, corpus)
     # `until` and each section's `enabled` choose the model steps; evaluate and publish always run.
@@ -29,7 +45,9 @@ def provider(config: dict[str, Any]) -> dict[str, Any]:
     nf4 = t.quantize(cfg, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None
+    ops.evaluation_artifact(evaluation)
     uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
+    ops.published_artifact(uri)
     create_markdown_artifact(
         key="provider-summary",
         markdown=summary_markdown(uri, evaluation),

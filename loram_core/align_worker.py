@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--config", "--pruned", "--blocks", "--workdir", "--out"):
         parser.add_argument(flag, required=True)
     args = parser.parse_args(argv)
+    from loram_core.launch import die_with_parent
+
+    die_with_parent()  # torchrun's agent starts workers in sessions of their own: go when it goes
 
     from loram_core import distributed
     from loram_core.align import train_causal_lm

@@ -255,6 +255,13 @@ class AlignConfig(_Section):
     parallel: Literal["ddp", "fsdp"] = Field("fsdp", description="How torchrun's processes share the model.")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    deadline_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Stop alignment (its torchrun process group, or the in-process loop at its next log "
+        "line) after this many minutes with a clear error; the checkpoint is kept, so a re-run resumes. "
+        "Prefect's timeout_seconds cannot interrupt blocking GPU code; this can.",
+    )
     seed: int = 0
 
 
@@ -348,6 +355,12 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
     verify: VerifyConfig = VerifyConfig()
+    notify_block: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+/[A-Za-z0-9._-]+$",
+        description="A saved Prefect notification block, `<type-slug>/<name>` (e.g. `slack-webhook/ml-alerts`), "
+        "told when a run fails or crashes.",
+    )
 
     @model_validator(mode="after")
     def _calib_samples_alias(self) -> PipelineConfig:

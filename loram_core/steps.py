@@ -37,6 +37,7 @@ from loram_core.demo import build_demo_base
 from loram_core.device import default_dtype, describe, resolve_device
 from loram_core.errors import LoramError
 from loram_core.evaluate import perplexity
+from loram_core.launch import DeadlineExceeded, run_group
 from loram_core.manifest import Manifest, list_files, sha256_file
 from loram_core.models import load_config, load_model
 from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
@@ -235,7 +236,7 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
     """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash."""
     device = compute_device(cfg)
     key = {
-        "align": cfg.align.model_dump(),
+        "align": cfg.align.model_dump(exclude={"deadline_minutes"}),  # a deadline does not change the result
         "pruned": pruned_dir,
         "corpus": blocks_file,
         "device": device.type,
@@ -254,7 +255,8 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
         result = train_causal_lm(
-            model, blocks.train, cfg.align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir), progress=progress
+            model, blocks.train, cfg.align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir),
+            progress=_with_deadline(progress, _deadline_s(cfg), work),
         ).to_dict()  # fmt: skip
         model.to("cpu").save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
@@ -264,6 +266,32 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
     clear_checkpoint(work)
     shutil.rmtree(work, ignore_errors=True)
     return str(out)
+
+
+_DEADLINE_FIX = "run it again to resume from there, with a larger align.deadline_minutes (or none)."
+
+
+def _deadline_s(cfg: PipelineConfig) -> float | None:
+    minutes = cfg.align.deadline_minutes
+    return None if minutes is None else 60.0 * minutes
+
+
+def _with_deadline(progress: Progress | None, deadline_s: float | None, work: Path) -> Progress | None:
+    """The in-process loop's progress callback, which stops training once the deadline has passed."""
+    if deadline_s is None:
+        return progress
+    end = time.monotonic() + deadline_s
+
+    def report(event: dict) -> None:
+        if progress is not None:
+            progress(event)
+        if time.monotonic() > end:
+            raise DeadlineExceeded(
+                f"alignment ran past align.deadline_minutes={deadline_s / 60:.4g} and was stopped at step "
+                f"{event['step']}/{event['total']}. Its checkpoint in {work} is kept: {_DEADLINE_FIX}"
+            )
+
+    return report
 
 
 def _align_torchrun(
@@ -276,17 +304,23 @@ def _align_torchrun(
            f"--nproc_per_node={cfg.align.nproc_per_node}", "-m", "loram_core.align_worker",
            "--config", str(config_file), "--pruned", pruned_dir, "--blocks", blocks_file,
            "--workdir", str(work), "--out", str(out)]  # fmt: skip
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-        for line in proc.stdout:
-            if line.startswith('{"progress"'):
-                if progress is not None:
-                    progress(json.loads(line)["progress"])
-            else:
-                sys.stdout.write(line)
-    if proc.returncode:
+
+    def on_line(line: str) -> None:
+        if line.startswith('{"progress"'):
+            if progress is not None:
+                progress(json.loads(line)["progress"])
+        else:
+            sys.stdout.write(line)
+
+    what = f"alignment under torchrun ({cfg.align.nproc_per_node} processes)"
+    try:  # torchrun and its workers run in a process group of their own, killed on every exit path
+        code = run_group(cmd, on_line, _deadline_s(cfg), what)
+    except DeadlineExceeded as err:
+        raise DeadlineExceeded(f"{err} Its checkpoint in {work} is kept: {_DEADLINE_FIX}") from None
+    if code:
         raise LoramError(
-            f"alignment under torchrun ({cfg.align.nproc_per_node} processes) exited with code "
-            f"{proc.returncode}; the workers' errors are in the log above. Its checkpoint in {work} is kept."
+            f"{what} exited with code {code}; the workers' errors are in the log above. Its checkpoint "
+            f"in {work} is kept."
         )
     result_file = out / "train_result.json"
     result = json.loads(result_file.read_text())

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from loram_core import steps
 from loram_core.config import PipelineConfig
 from loram_core.device import describe
+from tasks._gpu import gpu_slots
 from tasks._progress import StepProgress
 
 
@@ -38,7 +39,9 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
     """Prune the base model (layer-streamed through the run's device); returns the pruned checkpoint."""
     _log_device(cfg, "prune")
-    return steps.prune(cfg, base_dir, blocks_file, StepProgress("prune", f"Pruning ({cfg.prune.strategy})"))
+    progress = StepProgress("prune", f"Pruning ({cfg.prune.strategy})")
+    with gpu_slots(cfg):
+        return steps.prune(cfg, base_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -46,7 +49,8 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str) -> str:
     """Continual pre-training of the pruned model on the corpus; resumes after a crash."""
     _log_device(cfg, "align")
     progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
-    return steps.align(cfg, pruned_dir, blocks_file, progress)
+    with gpu_slots(cfg, cfg.align.nproc_per_node):
+        return steps.align(cfg, pruned_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -83,3 +87,9 @@ def publish(
 ) -> str:
     """Upload the version's files, then its manifest; returns the version's URI."""
     return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification)
+
+
+@task(cache_policy=NO_CACHE)
+def preflight(cfg: PipelineConfig) -> None:
+    """Check base checkpoint, corpus, layer range, device, bucket and work dir before any compute."""
+    steps.preflight(cfg)

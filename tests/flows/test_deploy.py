@@ -1,0 +1,199 @@
+"""Deployments as a team runs them: `loram deploy` against a real `prefect server start`, a process
+worker, the tiny demo run from a deployment to Completed, and a cancelled torchrun alignment that
+leaves no process behind. The server and the worker are subprocesses on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from loram_core import launch
+from loram_core.config import load_config, parse_config
+from loram_core.storage import verify_version
+from tests.flows.test_provider_flow import REPO, TINY
+
+LORAM = [sys.executable, "-m", "flows.cli"]
+
+
+def test_every_preset_has_a_deployment_whose_config_is_the_preset() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    for name, dep in deployments.items():
+        preset = load_config(REPO / "configs" / f"{name}.yaml")
+        assert parse_config(dep["parameters"]["config"]) == preset, name
+        (schedule,) = dep["schedules"]
+        assert schedule["cron"] and parse_config(schedule["parameters"]["config"]) == preset, name
+        assert dep["entrypoint"] == "flows/provider.py:provider" and dep["work_pool"]["name"] == "loram-gpu"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [(None, "PREFECT_API_URL is not set"), ("http://127.0.0.1:9/api", "does not answer")],
+)
+def test_deploy_without_a_reachable_server_is_a_clear_error(
+    tmp_path: Path, url: str | None, expected: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path)})
+    if url:
+        env["PREFECT_API_URL"] = url
+    done = subprocess.run(LORAM + ["deploy"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free loopback port, its own PREFECT_HOME; yields the env to reach it."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None and pytest.fail((home / "server.log").read_text()[-3000:])
+
+    _wait(healthy, 240, "the Prefect server (database migration takes 20-60 s here)")
+    client_env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home / "client"),
+                  "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    try:
+        yield client_env
+    finally:
+        launch.kill_group(proc.pid, grace_s=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def worker(server, tmp_path_factory):
+    """`loram deploy` then a process worker on the `loram-gpu` pool (one run at a time)."""
+    done = subprocess.run(LORAM + ["deploy", "--gpus", "1"], cwd=REPO, env=server, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "deployed demo, demo-semi, demo-structured, gpu-1b, llama-3-8b-qloram" in " ".join(
+        done.stdout.split()
+    )
+    cwd = tmp_path_factory.mktemp("worker")
+    log = open(cwd / "worker.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "loram-gpu", "--limit", "1"],
+        cwd=cwd, env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield server
+    finally:
+        launch.kill_group(proc.pid, grace_s=10)
+        log.close()
+
+
+def _api(env: dict, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{env['PREFECT_API_URL']}{path}", timeout=30, **kw).raise_for_status()
+
+
+def _run_deployment(env: dict, name: str, config: dict) -> str:
+    """What `prefect deployment run` does: a flow run of the deployment with these parameters."""
+    dep = _api(env, "GET", f"/deployments/name/loram-provider/{name}").json()
+    return _api(
+        env, "POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": {"config": config}}
+    ).json()["id"]
+
+
+def _state(env: dict, run_id: str) -> str:
+    return _api(env, "GET", f"/flow_runs/{run_id}").json()["state"]["type"]
+
+
+@pytest.mark.slow
+def test_deploy_and_a_worker_run_the_demo_to_completed_and_publish(worker, tmp_path: Path) -> None:
+    env = worker
+    deps = _api(env, "POST", "/deployments/filter", json={"limit": 50}).json()
+    assert {d["name"] for d in deps} == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    demo = next(d for d in deps if d["name"] == "demo")
+    assert demo["parameter_openapi_schema"]["definitions"]["PipelineConfig"]  # the UI's run form
+    assert [s["schedule"]["cron"] for s in demo["schedules"]] == ["0 2 * * *"]
+    limits = {
+        c["name"]: c["limit"] for c in _api(env, "POST", "/v2/concurrency_limits/filter", json={}).json()
+    }
+    assert limits["gpu"] == 1
+    autos = _api(env, "POST", "/automations/filter", json={}).json()
+    assert [a["name"] for a in autos] == ["loram-crash-zombie-runs"]
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
+        f"workdir={tmp_path / 'work'}", f"base.cache_dir={tmp_path / 'cache'}",
+        f"publish.uri=file://{tmp_path / 'bucket'}", "publish.version=v1",
+    ])  # fmt: skip
+    run_id = _run_deployment(env, "demo", cfg.model_dump(mode="json"))
+    state = _wait(lambda: (s := _state(env, run_id)) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s,
+                  600, "the deployed run")  # fmt: skip
+    assert state == "COMPLETED"
+    assert verify_version(f"file://{tmp_path / 'bucket'}/demo-llama").version == "v1"
+    run = _api(env, "GET", f"/flow_runs/{run_id}").json()
+    assert run["name"] == "demo random r=0.65 -> demo-llama" and "strategy:random" in run["tags"]
+    arts = _api(env, "POST", "/artifacts/filter", json={"limit": 50, "offset": 0,
+                "artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()  # fmt: skip
+    keys = {a["key"] for a in arts}
+    assert {
+        "pruning-plan",
+        "pruning-plan-layers",
+        "evaluation",
+        "published-version",
+        "provider-summary",
+    } <= keys
+
+
+@pytest.mark.slow
+def test_cancelling_a_deployed_torchrun_alignment_leaves_no_process(worker, tmp_path: Path) -> None:
+    env = worker
+    work = tmp_path / "work"
+    cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
+        f"workdir={work}", f"base.cache_dir={tmp_path / 'cache'}", f"publish.uri=file://{tmp_path / 'bucket'}",
+        "align.steps=100000", "align.nproc_per_node=2", "align.parallel=ddp", "align.batch_size=2",
+        "align.precision=fp32",
+    ])  # fmt: skip
+    run_id = _run_deployment(env, "demo", cfg.model_dump(mode="json"))
+    registry = work / "pgroups" / run_id
+    entry = _wait(lambda: next(registry.glob("*.pgid"), None), 600, "the torchrun launch")
+    pgid = int(entry.stem)
+    members = _wait(lambda: t if len(t := launch.tree(pgid)) >= 3 else None, 120, "torchrun's two workers")
+    _api(env, "POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
+    _wait(lambda: _state(env, run_id) == "CANCELLED", 180, "the run to be cancelled")
+    _wait(lambda: not any(launch._alive(pid) for pid in members), 60, "torchrun's processes to go")
+    assert (
+        json.loads((next(work.glob("align-*.partial")) / "run-config.json").read_text())["align"][
+            "nproc_per_node"
+        ]
+        == 2
+    )
