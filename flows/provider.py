@@ -12,29 +12,31 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loram_core.config import parse_config
+from loram_core.steps import pin_version
 from tasks import steps as t
 
 
 @flow(name="loram-provider")
 def provider(config: dict[str, Any]) -> dict[str, Any]:
     """Prepare one LoRAM base model and publish it; `config` is a `PipelineConfig` as a dict."""
-    cfg = parse_config(config)
+    cfg = pin_version(parse_config(config))  # one version per run: a retried publish reuses it
     base = t.prepare_base(cfg)
     corpus = t.prepare_corpus(cfg, base)
     pruned = t.prune(cfg, base, corpus)
     aligned = t.align(cfg, pruned, corpus)
     nf4 = t.quantize(cfg, aligned)
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
-    uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation)
+    published = t.publish(cfg, base, corpus, aligned, nf4, evaluation)
+    uri = published["uri"]
     create_markdown_artifact(
         key="provider-summary",
-        markdown=summary_markdown(uri, evaluation),
+        markdown=summary_markdown(uri, evaluation, published["status"]),
         description="What this run published",
     )
-    return {"uri": uri, **evaluation}
+    return {"uri": uri, "publish": published, **evaluation}
 
 
-def summary_markdown(uri: str, evaluation: dict) -> str:
+def summary_markdown(uri: str, evaluation: dict, status: str = "published") -> str:
     """The run's summary artifact: perplexities, parameter counts, HBM and where it computed."""
     m, p = evaluation["metrics"], evaluation["params"]
     rows = [
@@ -62,4 +64,4 @@ def summary_markdown(uri: str, evaluation: dict) -> str:
         else f"| {k} | {v} |"
         for k, v in rows
     )
-    return f"## Published `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"
+    return f"## {status.capitalize()} `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"

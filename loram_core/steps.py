@@ -93,6 +93,7 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.corpus.paths != "demo":
         checks.check_corpus(cfg.corpus, cfg.base.cache_dir, tokenizer)
     checks.check_bucket(cfg.publish.uri)
+    checks.check_publish_target(cfg)
     checks.check_writable(cfg.workdir, "workdir")
 
 
@@ -329,6 +330,15 @@ def code_version() -> str:
         return __version__
 
 
+def pin_version(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with `publish.version` set: as given, or the UTC time now (call once per run, so
+    a retried publish reuses the version instead of minting another)."""
+    if cfg.publish.version:
+        return cfg
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"version": stamp})})
+
+
 def publish(
     cfg: PipelineConfig,
     base_dir: str,
@@ -336,12 +346,19 @@ def publish(
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,
-) -> str:
-    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI."""
-    from loram_core.card import model_card
-    from loram_core.storage import publish_version
+    progress: Progress | None = None,
+) -> dict:
+    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last.
 
-    version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    Returns:
+        `{"uri", "status" ("published" | "unchanged"), "uploaded_files", "uploaded_bytes", "skipped_files"}`.
+    """
+    from dataclasses import asdict
+
+    from loram_core.bucket import publish as publish_files
+    from loram_core.card import model_card
+
+    version = pin_version(cfg).publish.version
     staging = _fresh(Path(cfg.workdir).expanduser() / f"publish-{cfg.publish.name}-{version}")
     try:
         model_files = [p for p in Path(aligned_dir).iterdir() if p.is_file() and p.name != "train_log.json"]
@@ -355,7 +372,8 @@ def publish(
         manifest = Manifest(
             name=cfg.publish.name,
             version=version,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # LATEST follows publication time: microseconds, so two versions of one second are ordered.
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             base={
                 "source": cfg.base.source,
                 "fingerprint": base_fingerprint(base_dir),
@@ -374,7 +392,8 @@ def publish(
         )
         (staging / "README.md").write_text(model_card(manifest, cfg.publish.uri))
         manifest.files = list_files(staging)
-        return publish_version(staging, manifest, cfg.publish.uri)
+        check = cfg.publish.check_create_only
+        return asdict(publish_files(staging, manifest, cfg.publish.uri, check_create_only=check, progress=progress))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -79,6 +79,7 @@ def publish(
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,
-) -> str:
-    """Upload the version's files, then its manifest; returns the version's URI."""
-    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation)
+) -> dict:
+    """Upload the version's files, then its manifest; returns its URI and status (published | unchanged)."""
+    progress = StepProgress("publish", f"Publishing to {cfg.publish.uri}")
+    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, progress)

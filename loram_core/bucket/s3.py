@@ -34,7 +34,8 @@ def _code(err: BaseException) -> str | None:
     return None
 
 
-def _is_transient(err: BaseException) -> bool:
+def is_transient(err: BaseException) -> bool:
+    """Whether an error is worth retrying: connection trouble, timeouts, throttling, 5xx."""
     import aiohttp
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
@@ -86,6 +87,10 @@ class S3Store(Store):
             try:
                 return sync(self.fs.loop, fn, Bucket=self.bucket, **kwargs)
             except Exception as err:  # noqa: BLE001 - classified below
+                if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+                    raise LoramError(
+                        f"no credentials for s3://{self.bucket} at {self.endpoint}: set {CREDENTIAL_VARS}."
+                    ) from None
                 code = _code(err)
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                     raise (Exists(what) if "IfNoneMatch" in kwargs else Changed(what)) from None
@@ -100,7 +105,7 @@ class S3Store(Store):
                         f"{self.endpoint} refused the credentials for s3://{self.bucket} ({code}) while "
                         f"accessing {what}; set {CREDENTIAL_VARS} to a key allowed to use the bucket."
                     ) from None
-                if not _is_transient(err):
+                if not is_transient(err):
                     raise LoramError(f"{what} at {self.uri}: {type(err).__name__}: {err}") from None
                 if attempt + 1 == self.attempts:
                     if self.attempts == 1:
