@@ -11,6 +11,8 @@ racing publisher of the same content.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from loram_core.manifest import FileEntry, Manifest, safe_relative
 PARTS_IN_FLIGHT = 16  # the shared budget: parts (or small files) being sent at once, over all files
 FILES_IN_FLIGHT = 8
 PROBE_PREFIX = ".loram-probe"
+CLAIM = ".claim"  # beside manifest.json: which content this version is being published with
 OPT_OUT = "publish.check_create_only=false"
 
 Progress = Callable[[dict], None]
@@ -78,6 +81,7 @@ def publish(
         return Publication(version_uri, "unchanged", 0, 0, len(manifest.files))
     if check_create_only:
         probe_create_only(store)
+    _claim(store, manifest, version_key, version_uri)
     sent, skipped = _upload_files(store, staging, manifest, version_key, version_uri, progress)
     try:
         store.put_bytes(
@@ -102,6 +106,33 @@ def _clash(version_uri: str) -> LoramError:
         f"version {version_uri} already exists in the bucket with different content (or another publisher claimed it "
         "first); versions are immutable. Publish under a new publish.version (or leave it unset for a "
         "timestamp)."
+    )
+
+
+def _claim(store: Store, manifest: Manifest, version_key: str, version_uri: str) -> None:
+    """Claim the version for this content before any file goes up (create-only `.claim`).
+
+    Without it, two publishers of different content could each win some files and both be
+    refused; with it, the first claim wins and the other is refused before it sends a byte. A
+    claim of the same content (an interrupted run of this publication) lets the run resume.
+    """
+    ours = hashlib.sha256(json.dumps(manifest.content_key()).encode()).hexdigest()
+    key = join(version_key, CLAIM)
+    try:
+        store.put_bytes(key, json.dumps({"content": ours, "created_at": manifest.created_at}).encode(), create=True)
+        return
+    except Exists:
+        pass
+    data, _ = store.read(key)
+    if json.loads(data).get("content") == ours:
+        return
+    if _same_as_published(store, manifest, version_uri):  # raises if published with other content
+        return
+    raise LoramError(
+        f"version {version_uri} is being published with other content: its {CLAIM} names another "
+        "publication and it has no manifest yet (another publisher is writing it, or an interrupted "
+        f"publish of other content left it). Publish under another publish.version, or delete {version_uri}/ "
+        "if no one else is publishing it."
     )
 
 

@@ -34,14 +34,6 @@ def staged(
     return staging, m
 
 
-@pytest.fixture
-def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """5 MiB parts (S3's minimum), so a 12 MiB file goes up in 3 parts and comes down in 3 ranges."""
-    monkeypatch.setattr(s3_module, "PART_SIZE", 5 * MiB)
-    monkeypatch.setattr(s3_module, "SINGLE_PUT_MAX", 5 * MiB)
-    monkeypatch.setattr("loram_core.bucket.download.PART_SIZE", 5 * MiB)
-
-
 def objects(prefix: str = "") -> dict[str, int]:
     listing = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix)
     return {o["Key"]: o["Size"] for o in listing.get("Contents", [])}
