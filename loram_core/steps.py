@@ -65,7 +65,12 @@ def _fresh(path: Path) -> Path:
 
 
 def base_path(cfg: PipelineConfig) -> Path | None:
-    """The base checkpoint directory if the source is a path (None for the demo, built on demand)."""
+    """The base checkpoint directory if the source is a path (None for the demo, built on demand);
+    an `s3://` source is fetched into the work dir first (once; verified against its ETags)."""
+    from loram_core.bucket.inputs import fetch_tree, is_remote
+
+    if cfg.base.source != "demo" and is_remote(cfg.base.source):
+        return fetch_tree(cfg.base.source, cfg.workdir)
     return None if cfg.base.source == "demo" else Path(cfg.base.source).expanduser()
 
 
@@ -356,6 +361,7 @@ def publish(
     from dataclasses import asdict
 
     from loram_core.bucket import publish as publish_files
+    from loram_core.bucket.inputs import provenance
     from loram_core.card import model_card
 
     version = pin_version(cfg).publish.version
@@ -377,6 +383,7 @@ def publish(
             base={
                 "source": cfg.base.source,
                 "fingerprint": base_fingerprint(base_dir),
+                **provenance(base_dir),  # where an s3:// base was fetched from, each file's sha256
                 "model_type": base_config.model_type,
                 "num_hidden_layers": base_config.num_hidden_layers,
             },
