@@ -22,12 +22,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from loram_core.bucket.store import PART_SIZE, Changed, Store, file_sha256, join, open_store
+from loram_core.bucket.store import Changed, Store, file_sha256, join, open_store
 from loram_core.bucket.versions import resolve_version
 from loram_core.errors import IntegrityError, LoramError
 from loram_core.manifest import FileEntry, Manifest, safe_relative
 
-PARTS_IN_FLIGHT = 16
+# Ranges of 64 MiB, at most 8 requested and not yet written: ~512 MiB of buffers. Larger ranges
+# cost fewer requests; stores that read a whole object to serve a range (moto) need few of them.
+RANGE_SIZE = 64 * 2**20
+PARTS_IN_FLIGHT = 8
 FILES_IN_FLIGHT = 8
 VARIANTS = ("model", "model-nf4", "masks")
 Progress = Callable[[dict], None]
@@ -130,7 +133,7 @@ def _into_place(staging: Path, dest: Path) -> None:
 
 class _Budget:
     """Parts in flight over all files: a slot is taken when a range is requested and given back
-    once its bytes are written and hashed, so memory stays at about `slots * PART_SIZE`."""
+    once its bytes are written and hashed, so memory stays at about `slots * RANGE_SIZE`."""
 
     def __init__(self, slots: int) -> None:
         self.sem = threading.Semaphore(slots)
@@ -220,10 +223,10 @@ def _fetch_file(
             advance(len(data))
 
         try:
-            for start in range(offset, entry.size, PART_SIZE):
+            for start in range(offset, entry.size, RANGE_SIZE):
                 while not budget.sem.acquire(blocking=not pending):
                     consume()  # free a slot of our own; our oldest range is in flight, so this ends
-                end = min(start + PART_SIZE, entry.size)
+                end = min(start + RANGE_SIZE, entry.size)
                 pending.append(parts.submit(store.read_range, key, start, end, info.etag))
             while pending:
                 consume()

@@ -8,6 +8,8 @@ Threads call in with `fsspec.asyn.sync`, so a pool of threads shares one connect
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import random
 import time
@@ -45,30 +47,42 @@ def is_transient(err: BaseException) -> bool:
     return _code(err) in _TRANSIENT_CODES
 
 
+def _environment_key() -> str:
+    """A digest of the AWS environment: a client is reused only while it is unchanged."""
+    names = sorted(k for k in os.environ if k.startswith("AWS_"))
+    return hashlib.sha256(repr([(k, os.environ[k]) for k in names]).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(budget: int, quick: bool, environment: str):
+    """An s3fs filesystem (its client, connection pool and event loop) per setting and environment:
+    building a client costs a few hundred milliseconds, so a process makes each one once."""
+    import s3fs
+
+    timeouts = (
+        {"connect_timeout": 3, "read_timeout": 10} if quick else {"connect_timeout": 10, "read_timeout": 120}
+    )
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        config_kwargs={
+            **timeouts,
+            "max_pool_connections": budget + 4,
+            # We retry ourselves (below), with backoff, and only what is transient.
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+        },
+    )
+    fs.connect()
+    return fs
+
+
 class S3Store(Store):
     """An `s3://bucket/prefix` root on the server the AWS environment names."""
 
     def __init__(self, uri: str, *, budget: int = 16, quick: bool = False) -> None:
-        import s3fs
-
         self.uri = uri.rstrip("/")
         self.bucket, _, self.prefix = self.uri.split("://", 1)[1].partition("/")
         self.attempts = 1 if quick else ATTEMPTS
-        timeouts = (
-            {"connect_timeout": 3, "read_timeout": 10}
-            if quick
-            else {"connect_timeout": 10, "read_timeout": 120}
-        )
-        self.fs = s3fs.S3FileSystem(
-            skip_instance_cache=True,
-            config_kwargs={
-                **timeouts,
-                "max_pool_connections": budget + 4,
-                # We retry ourselves (below), with backoff, and only what is transient.
-                "retries": {"total_max_attempts": 1, "mode": "standard"},
-            },
-        )
-        self.fs.connect()
+        self.fs = _filesystem(budget, quick, _environment_key())
         self.client = self.fs.s3
 
     @property
@@ -140,7 +154,6 @@ class S3Store(Store):
         return data
 
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
-        import hashlib
 
         kwargs = {
             "Key": self._key(key),

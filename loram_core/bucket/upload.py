@@ -119,7 +119,9 @@ def _claim(store: Store, manifest: Manifest, version_key: str, version_uri: str)
     ours = hashlib.sha256(json.dumps(manifest.content_key()).encode()).hexdigest()
     key = join(version_key, CLAIM)
     try:
-        store.put_bytes(key, json.dumps({"content": ours, "created_at": manifest.created_at}).encode(), create=True)
+        store.put_bytes(
+            key, json.dumps({"content": ours, "created_at": manifest.created_at}).encode(), create=True
+        )
         return
     except Exists:
         pass
