@@ -208,7 +208,7 @@ class S3Store(Store):
 
     def list(self, prefix: str) -> list[str]:
         keys, token = [], None
-        base = self._key(prefix).rstrip("/") + "/"
+        base = self._key(prefix).rstrip("/") + "/" if self._key(prefix) else ""
         while True:
             kwargs = {"Prefix": base, **({"ContinuationToken": token} if token else {})}
             r = self._call("list_objects_v2", prefix, **kwargs)

@@ -115,6 +115,7 @@ class Store:
     uri: str
 
     def head(self, key: str) -> ObjectInfo | None:  # pragma: no cover - interface
+        """Size, ETag and recorded sha256 of an object; None if there is none."""
         raise NotImplementedError
 
     def read(self, key: str) -> tuple[bytes, str]:  # pragma: no cover - interface
@@ -126,6 +127,8 @@ class Store:
         raise NotImplementedError
 
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
+        """Write a small object: create-only (`Exists` if taken), or replacing the object whose ETag is
+        `if_match` (`Changed` if it moved), or unconditionally."""
         raise NotImplementedError  # pragma: no cover - interface
 
     def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
@@ -137,6 +140,7 @@ class Store:
         return hashlib.sha256(self.read(key)[0]).hexdigest()
 
     def delete(self, key: str) -> None:  # pragma: no cover - interface
+        """Remove an object (no error if it is gone)."""
         raise NotImplementedError
 
     def list(self, prefix: str) -> list[str]:  # pragma: no cover - interface
