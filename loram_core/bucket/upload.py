@@ -76,8 +76,8 @@ def publish(
     store = open_store(uri, budget=PARTS_IN_FLIGHT)
     version_key = join(manifest.name, manifest.version)
     version_uri = join(uri, version_key)
-    if _same_as_published(store, manifest, version_uri):
-        move_latest(store, manifest)
+    if existing := _same_as_published(store, manifest, version_uri):
+        move_latest(store, existing)  # by the existing version's publication time, not this run's
         return Publication(version_uri, "unchanged", 0, 0, len(manifest.files))
     if check_create_only:
         probe_create_only(store)
@@ -88,8 +88,8 @@ def publish(
             join(version_key, "manifest.json"), manifest.model_dump_json(indent=2).encode(), create=True
         )
     except Exists:
-        if _same_as_published(store, manifest, version_uri):  # a racing publisher of the same content won
-            move_latest(store, manifest)
+        if existing := _same_as_published(store, manifest, version_uri):  # a racer of the same content won
+            move_latest(store, existing)
             return Publication(version_uri, "unchanged", *sent, skipped)
         raise _clash(version_uri) from None
     move_latest(store, manifest)
@@ -138,16 +138,17 @@ def _claim(store: Store, manifest: Manifest, version_key: str, version_uri: str)
     )
 
 
-def _same_as_published(store: Store, manifest: Manifest, version_uri: str) -> bool:
-    """True if the version exists with this content; raises if it exists with other content."""
+def _same_as_published(store: Store, manifest: Manifest, version_uri: str) -> Manifest | None:
+    """The published manifest if the version exists with this content (else None); raises if it
+    exists with other content."""
     try:
         data, _ = store.read(join(manifest.name, manifest.version, "manifest.json"))
     except FileNotFoundError:
-        return False
+        return None
     existing = Manifest.model_validate_json(data)
     if existing.content_key() != manifest.content_key():
         raise _clash(version_uri)
-    return True
+    return existing
 
 
 def _upload_files(

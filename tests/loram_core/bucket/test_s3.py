@@ -141,3 +141,13 @@ def test_a_store_that_accepts_a_second_create_only_write_is_refused(
         publish(staging, m, s3)
     assert not objects("m/")
     assert publish(staging, m, s3, check_create_only=False).status == "published"  # the opt-out
+
+
+def test_republishing_an_older_version_unchanged_does_not_move_latest_back(s3: str, tmp_path: Path) -> None:
+    old, m1 = staged(tmp_path, version="v1", big=100, created_at="2026-01-01T00:00:00+00:00")
+    publish(old, m1, s3)
+    new, m2 = staged(tmp_path, seed=1, version="v2", big=100, created_at="2026-01-02T00:00:00+00:00")
+    publish(new, m2, s3)
+    m1.created_at = "2026-01-03T00:00:00+00:00"  # a rerun stamps its manifest later; the content is v1's
+    assert publish(old, m1, s3).status == "unchanged"
+    assert resolve_version(f"{s3}/m")[1].version == "v2"
