@@ -51,13 +51,15 @@ def run(
     """Run the provider flow on CONFIG and print what was published."""
     from flows._console import check_api_reachable, log_file_for, route_tracebacks
     from loram_core.config import load_config
-    from loram_core.steps import preflight
+    from loram_core.steps import pin_version, preflight
 
     flags = ([f"until={until}"] if until is not None else []) + (
         ["publish.enabled=false"] if no_publish else []
     )
     try:
-        cfg = load_config(config, [*(overrides or []), *flags])
+        cfg = pin_version(
+            load_config(config, [*(overrides or []), *flags])
+        )  # the version is checked for a clash now
         preflight(cfg)
         check_api_reachable()
     except LoramError as err:
@@ -132,7 +134,8 @@ def _print_summary(result: dict) -> None:
     from loram_core.sizes import size_rows
 
     m, p = result["metrics"], result["params"]
-    table = Table(title=f"published {consumer_uri(result['uri'])}")  # absolute: usable from anywhere
+    status = result.get("publish", {}).get("status", "published")
+    table = Table(title=f"{status} {consumer_uri(result['uri'])}")  # absolute: usable from anywhere
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
     table.add_column("stored parameters", justify="right")
@@ -172,6 +175,41 @@ def inspect(uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<ve
         _fail(err)
     console.print_json(manifest.model_dump_json())
     err_console.print(f"[green]verified[/] {len(manifest.files)} files of {manifest.name}/{manifest.version}")
+
+
+@app.command()
+def pull(
+    uri: Annotated[
+        str, typer.Argument(help="BUCKET/NAME (its LATEST) or BUCKET/NAME/VERSION, file:// or s3://")
+    ],
+    dest: Annotated[Path, typer.Argument(help="folder to create (an earlier pull there is replaced)")],
+    only: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="model | model-nf4 | masks; repeat for several (default: all)"),
+    ] = None,
+    cache: Annotated[bool, typer.Option(help="reuse and fill the local content-addressed cache")] = True,
+) -> None:
+    """Download a published version into DEST, every file checked against its manifest's sha256."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from loram_core.bucket import pull as run_pull
+
+    with Progress(TextColumn("pull"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TextColumn("{task.fields[what]}"), console=err_console) as bar:  # fmt: skip
+        task = bar.add_task("pull", total=None, what="")
+
+        def show(event: dict) -> None:
+            bar.update(task, completed=event["step"] << 20, total=event["total"] << 20, what=event["what"])
+
+        try:
+            manifest = run_pull(uri, dest, only, cache=cache, progress=show)
+        except LoramError as err:
+            bar.stop()
+            _fail(err)
+    err_console.print(
+        f"[green]verified[/] {len(manifest.files)} files of {manifest.name}/{manifest.version} -> {dest}",
+        highlight=False,
+    )
 
 
 @app.command()

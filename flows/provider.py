@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows import ops
 from loram_core.config import PipelineConfig, parse_config
 from loram_core.report import recovery_sentence
+from loram_core.steps import pin_version
 from tasks import steps as t
 from tasks.verify import verify as verify_task
 
@@ -33,6 +34,7 @@ def provider(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             validated into a `PipelineConfig`. Checked in the preflight before any compute.
     """
     cfg = config if isinstance(config, PipelineConfig) else parse_config(config)
+    cfg = pin_version(cfg)  # one version per run: a retried publish reuses it
     ops.tag_run(cfg)
     ops.track_children(cfg)
     t.preflight(cfg)
@@ -46,14 +48,15 @@ def provider(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None
     ops.evaluation_artifact(evaluation)
-    uri = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
+    published = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
+    uri = published["uri"]
     ops.published_artifact(uri)
     create_markdown_artifact(
         key="provider-summary",
-        markdown=summary_markdown(uri, evaluation),
+        markdown=summary_markdown(uri, evaluation, published["status"]),
         description="What this run published",
     )
-    return {"uri": uri, **evaluation, "verification": verification}
+    return {"uri": uri, "publish": published, **evaluation, "verification": verification}
 
 
 PPL_ROWS = {
@@ -65,7 +68,7 @@ PPL_ROWS = {
 }
 
 
-def summary_markdown(uri: str, evaluation: dict) -> str:
+def summary_markdown(uri: str, evaluation: dict, status: str = "published") -> str:
     """The run's summary artifact: the perplexities of the models made, sizes, and where it computed."""
     from loram_core.sizes import size_rows
 
@@ -85,4 +88,4 @@ def summary_markdown(uri: str, evaluation: dict) -> str:
         else f"| {k} | {v} |"
         for k, v in rows
     )
-    return f"## Published `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"
+    return f"## {status.capitalize()} `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"

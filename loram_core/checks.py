@@ -343,3 +343,73 @@ def check_text_files(patterns: list[str], fmt: str, text_field: str, cache_dir: 
         for _ in _documents(file, fmt, text_field, key.split(".")[0]):
             return
     raise ConfigError(f"{key}={patterns} holds no text; point it at files that hold text.")
+
+
+def check_publish_target(cfg) -> None:
+    """Check the bucket a run publishes to, in seconds: reachable, credentials accepted, create-only
+    writes honoured (`publish.check_create_only`), and no clash with an existing version.
+
+    An existing version with this run's `publish.version` is refused here, before any compute,
+    unless it was made with this run's settings (base source, prune, align, quantize): then the
+    run is expected to reproduce it (steps are deterministic and cached), and the publish step
+    itself reports "unchanged" or refuses different content.
+
+    Args:
+        cfg: the `PipelineConfig`.
+
+    Raises:
+        LoramError: naming the endpoint and the variable to set, the probe's failure and its
+            opt-out, or the existing version and the settings that differ.
+    """
+    from loram_core.bucket import probe_create_only
+    from loram_core.bucket.store import LocalStore, join, open_store
+    from loram_core.manifest import Manifest
+
+    p = cfg.publish
+    store = _reach(p.uri, lambda: open_store(p.uri, quick=True))
+    if isinstance(store, LocalStore) and not store.root.exists():
+        return  # created at publish time; nothing published there yet
+    # One read answers "reachable, credentials accepted" and finds the version if it exists.
+    key = join(p.name, p.version, "manifest.json") if p.version else join(p.name, "LATEST")
+    try:
+        data, _ = _reach(p.uri, lambda: store.read(key))
+    except FileNotFoundError:
+        data = None
+    if p.check_create_only and not isinstance(store, LocalStore):  # a folder honours it (hard links)
+        _reach(p.uri, lambda: probe_create_only(store))
+    if data is None or p.version is None:
+        return
+    existing = Manifest.model_validate_json(data)
+    ours = {"base.source": cfg.base.source, "prune": cfg.prune.model_dump(mode="json"),
+            "quantize": cfg.quantize.model_dump(mode="json"), "align": cfg.align.model_dump(mode="json")}  # fmt: skip
+    theirs = {"base.source": existing.base.get("source"), "prune": existing.prune,
+              "quantize": {k: existing.quantize.get(k) for k in ours["quantize"]},
+              "align": {k: existing.align.get(k) for k in ours["align"]}}  # fmt: skip
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise LoramError(
+            f"publish.version={p.version!r}: {p.uri.rstrip('/')}/{p.name}/{p.version} already exists, made with "
+            f"other settings ({', '.join(differ)}); versions are immutable. Choose another publish.version "
+            "or leave it unset for a timestamp."
+        )
+
+
+def _reach(uri: str, call):
+    """Run a bucket call; a connection failure becomes a `LoramError` naming the endpoint to fix."""
+    from loram_core.bucket.s3 import is_transient
+
+    try:
+        return call()
+    except LoramError:
+        raise
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - only connection failures are translated
+        if not is_transient(err):
+            raise
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+        raise LoramError(
+            f"publish.uri={uri!r}: cannot reach the S3 endpoint {endpoint} ({type(err).__name__}). Set "
+            "AWS_ENDPOINT_URL to the store's address (e.g. http://minio:9000) and AWS_REGION, or check that "
+            "it is up."
+        ) from None

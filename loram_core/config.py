@@ -291,6 +291,11 @@ class PublishConfig(_Section):
     version: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: UTC timestamp of the run."
     )
+    check_create_only: bool = Field(
+        True,
+        description="Before publishing, check that the store refuses a second create-only write (If-None-Match), "
+        "which is what makes a version immutable; false only for a store written by one publisher alone.",
+    )
     enabled: bool = Field(
         True,
         description="false: the version (same layout, manifest included) is written under "

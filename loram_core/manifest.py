@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -76,10 +77,13 @@ def safe_relative(path: str) -> str:
 
 
 def list_files(root: Path) -> list[FileEntry]:
-    """Entries for every file under `root` (sorted), hashed."""
-    entries = []
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        entries.append(
-            FileEntry(path=f.relative_to(root).as_posix(), size=f.stat().st_size, sha256=sha256_file(f))
-        )
-    return entries
+    """Entries for every file under `root` (sorted), hashed (several files at once: hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(sha256_file, files))
+    return [
+        FileEntry(path=f.relative_to(root).as_posix(), size=f.stat().st_size, sha256=h)
+        for f, h in zip(files, hashes, strict=True)
+    ]

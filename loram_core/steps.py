@@ -70,7 +70,12 @@ def _fresh(path: Path) -> Path:
 
 
 def base_path(cfg: PipelineConfig) -> Path | None:
-    """The base checkpoint directory if the source is a path (None for the demo, built on demand)."""
+    """The base checkpoint directory if the source is a path (None for the demo, built on demand);
+    an `s3://` source is fetched into the work dir first (once; verified against its ETags)."""
+    from loram_core.bucket.inputs import fetch_tree, is_remote
+
+    if cfg.base.source != "demo" and is_remote(cfg.base.source):
+        return fetch_tree(cfg.base.source, cfg.workdir)
     return None if cfg.base.source == "demo" else Path(cfg.base.source).expanduser()
 
 
@@ -106,6 +111,7 @@ def preflight(cfg: PipelineConfig) -> None:
             )
     if cfg.publish.enabled:
         checks.check_bucket(cfg.publish.uri)
+        checks.check_publish_target(cfg)
     checks.check_writable(cfg.workdir, "workdir")
     from loram_core.verify import check_verify
 
@@ -417,6 +423,15 @@ def code_version() -> str:
         return __version__
 
 
+def pin_version(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with `publish.version` set: as given, or the UTC time now (call once per run, so
+    a retried publish reuses the version instead of minting another)."""
+    if cfg.publish.version:
+        return cfg
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return cfg.model_copy(update={"publish": cfg.publish.model_copy(update={"version": stamp})})
+
+
 def publish(
     cfg: PipelineConfig,
     base_dir: str,
@@ -425,16 +440,23 @@ def publish(
     nf4_dir: str | None,
     evaluation: dict,
     verification: dict | None = None,
-) -> str:
-    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last; returns its URI.
+    progress: Progress | None = None,
+) -> dict:
+    """Stage the version (model/, model-nf4/, masks/, README.md), write the manifest last.
 
     `verification` (the `verify` step's record, when it ran) goes into the manifest and the model card.
+
+    Returns:
+        `{"uri", "status" ("published" | "unchanged"), "uploaded_files", "uploaded_bytes", "skipped_files"}`.
     """
+    from dataclasses import asdict
+
+    from loram_core.bucket import publish as publish_files
+    from loram_core.bucket.inputs import provenance
     from loram_core.card import model_card
     from loram_core.stock import ship_modeling_code
-    from loram_core.storage import publish_version
 
-    version = cfg.publish.version or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    version = pin_version(cfg).publish.version
     uri = publish_uri(cfg)
     aligned = cfg.runs("align") and "aligned_ppl" in evaluation["metrics"]
     staging = _fresh(Path(cfg.workdir).expanduser() / f"publish-{cfg.publish.name}-{version}")
@@ -453,10 +475,12 @@ def publish(
         manifest = Manifest(
             name=cfg.publish.name,
             version=version,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # LATEST follows publication time: microseconds, so two versions of one second are ordered.
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             base={
                 "source": cfg.base.source,
                 "fingerprint": base_fingerprint(base_dir),
+                **provenance(base_dir),  # where an s3:// base was fetched from, each file's sha256
                 "model_type": base_config.model_type,
                 "num_hidden_layers": base_config.num_hidden_layers,
             },
@@ -486,7 +510,8 @@ def publish(
         )
         (staging / "README.md").write_text(model_card(manifest, uri, remote_code=remote_code))
         manifest.files = list_files(staging)
-        return publish_version(staging, manifest, uri)
+        check = cfg.publish.check_create_only
+        return asdict(publish_files(staging, manifest, uri, check_create_only=check, progress=progress))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

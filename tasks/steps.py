@@ -84,9 +84,10 @@ def publish(
     nf4_dir: str | None,
     evaluation: dict,
     verification: dict | None = None,
-) -> str:
-    """Upload the version's files, then its manifest; returns the version's URI."""
-    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification)
+) -> dict:
+    """Upload the version's files, then its manifest; returns its URI and status (published | unchanged)."""
+    progress = StepProgress("publish", f"Publishing to {cfg.publish.uri}")
+    return steps.publish(cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification, progress)
 
 
 @task(cache_policy=NO_CACHE)

@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # read nor lock the user's ~/.prefect database, and two suites on one machine do not share one.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="loram-tests-prefect-"))
 REPO = Path(__file__).resolve().parents[1]
+# The S3 server fixtures (moto on loopback) for the bucket tests.
+pytest_plugins = ["tests.s3_server"]
 
 
 def tiny_config(family: str = "llama", **overrides) -> LlamaConfig | Qwen2Config:

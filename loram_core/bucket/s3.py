@@ -1,0 +1,220 @@
+"""`S3Store`: the bucket protocol on any S3-compatible server, through s3fs's aiobotocore client.
+
+The client is s3fs's (its session, its event loop thread); the calls are made directly so that
+S3's conditional headers (`If-None-Match`, `If-Match`) and error codes reach us unchanged.
+Threads call in with `fsspec.asyn.sync`, so a pool of threads shares one connection pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import time
+from pathlib import Path
+
+from fsspec.asyn import sync
+
+from loram_core.bucket.store import PART_SIZE, SINGLE_PUT_MAX, Changed, Exists, ObjectInfo, Progress, Store
+from loram_core.errors import LoramError
+
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
+                    "RequestTimeTooSkewed", "500", "502", "503", "504"}  # fmt: skip
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
+                     "InvalidToken", "403", "InvalidClientTokenId", "UnrecognizedClientException"}  # fmt: skip
+CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+ATTEMPTS = 5
+
+
+def _code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error", {})
+        return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether an error is worth retrying: connection trouble, timeouts, throttling, 5xx."""
+    import aiohttp
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(err, (BotoConnectionError, HTTPClientError, aiohttp.ClientError, TimeoutError)):
+        return True
+    return _code(err) in _TRANSIENT_CODES
+
+
+def _environment_key() -> str:
+    """A digest of the AWS environment: a client is reused only while it is unchanged."""
+    names = sorted(k for k in os.environ if k.startswith("AWS_"))
+    return hashlib.sha256(repr([(k, os.environ[k]) for k in names]).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(budget: int, quick: bool, environment: str):
+    """An s3fs filesystem (its client, connection pool and event loop) per setting and environment:
+    building a client costs a few hundred milliseconds, so a process makes each one once."""
+    import s3fs
+
+    timeouts = (
+        {"connect_timeout": 3, "read_timeout": 10} if quick else {"connect_timeout": 10, "read_timeout": 120}
+    )
+    fs = s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        config_kwargs={
+            **timeouts,
+            "max_pool_connections": budget + 4,
+            # We retry ourselves (below), with backoff, and only what is transient.
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+        },
+    )
+    fs.connect()
+    return fs
+
+
+class S3Store(Store):
+    """An `s3://bucket/prefix` root on the server the AWS environment names."""
+
+    def __init__(self, uri: str, *, budget: int = 16, quick: bool = False) -> None:
+        self.uri = uri.rstrip("/")
+        self.bucket, _, self.prefix = self.uri.split("://", 1)[1].partition("/")
+        self.attempts = 1 if quick else ATTEMPTS
+        self.fs = _filesystem(budget, quick, _environment_key())
+        self.client = self.fs.s3
+
+    @property
+    def endpoint(self) -> str:
+        """The server this store talks to (for messages)."""
+        return str(self.client.meta.endpoint_url)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, method, what: str, **kwargs):
+        """One API call (a client method's name, or a coroutine function taking the same kwargs),
+        retried with exponential backoff and jitter while it fails transiently."""
+        fn = getattr(self.client, method) if isinstance(method, str) else method
+        for attempt in range(self.attempts):
+            try:
+                return sync(self.fs.loop, fn, Bucket=self.bucket, **kwargs)
+            except Exception as err:  # noqa: BLE001 - classified below
+                if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+                    raise LoramError(
+                        f"no credentials for s3://{self.bucket} at {self.endpoint}: set {CREDENTIAL_VARS}."
+                    ) from None
+                code = _code(err)
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise (Exists(what) if "IfNoneMatch" in kwargs else Changed(what)) from None
+                if code in ("NoSuchKey", "404", "NotFound"):
+                    raise FileNotFoundError(what) from None
+                if code == "NoSuchBucket":
+                    raise LoramError(
+                        f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the URI."
+                    ) from None
+                if code in _CREDENTIAL_CODES:
+                    raise LoramError(
+                        f"{self.endpoint} refused the credentials for s3://{self.bucket} ({code}) while "
+                        f"accessing {what}; set {CREDENTIAL_VARS} to a key allowed to use the bucket."
+                    ) from None
+                if not is_transient(err):
+                    raise LoramError(f"{what} at {self.uri}: {type(err).__name__}: {err}") from None
+                if attempt + 1 == self.attempts:
+                    if self.attempts == 1:
+                        raise
+                    raise LoramError(
+                        f"{what} at {self.uri}: still failing after {self.attempts} attempts "
+                        f"({type(err).__name__}: {err})."
+                    ) from None
+                time.sleep(min(0.2 * 2**attempt, 5.0) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = self._call("head_object", key, Key=self._key(key))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(size=r["ContentLength"], etag=r["ETag"], sha256=r.get("Metadata", {}).get("sha256"))
+
+    async def _get(self, **kwargs) -> tuple[bytes, str]:
+        # The body is read inside the retried call: a connection cut mid-body is retried too.
+        r = await self.client.get_object(**kwargs)
+        async with r["Body"] as body:
+            return await body.read(), r["ETag"]
+
+    def read(self, key: str) -> tuple[bytes, str]:
+        return self._call(self._get, key, Key=self._key(key))
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        data, _ = self._call(
+            self._get, key, Key=self._key(key), Range=f"bytes={start}-{end - 1}", IfMatch=etag
+        )
+        return data
+
+    def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
+
+        kwargs = {
+            "Key": self._key(key),
+            "Body": data,
+            "Metadata": {"sha256": hashlib.sha256(data).hexdigest()},
+        }
+        if create:
+            kwargs["IfNoneMatch"] = "*"
+        elif if_match is not None:
+            kwargs["IfMatch"] = if_match
+        self._call("put_object", key, **kwargs)
+
+    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
+        size = local.stat().st_size
+        meta = {"sha256": sha256}
+
+        def read(start: int, n: int) -> bytes:
+            with open(local, "rb") as fh:
+                return os.pread(fh.fileno(), n, start)
+
+        if size <= SINGLE_PUT_MAX:
+
+            def put() -> None:
+                self._call(
+                    "put_object", key, Key=self._key(key), Body=read(0, size), Metadata=meta, IfNoneMatch="*"
+                )
+                progress(size)
+
+            submit(put).result()
+            return
+        upload = self._call("create_multipart_upload", key, Key=self._key(key), Metadata=meta)["UploadId"]
+        try:
+
+            def part(number: int, start: int) -> dict:
+                n = min(PART_SIZE, size - start)
+                r = self._call("upload_part", f"{key} (part {number})", Key=self._key(key), UploadId=upload,
+                               PartNumber=number, Body=read(start, n))  # fmt: skip
+                progress(n)
+                return {"PartNumber": number, "ETag": r["ETag"]}
+
+            futures = [submit(part, i + 1, start) for i, start in enumerate(range(0, size, PART_SIZE))]
+            parts = [f.result() for f in futures]
+            self._call("complete_multipart_upload", key, Key=self._key(key), UploadId=upload,
+                       MultipartUpload={"Parts": parts}, IfNoneMatch="*")  # fmt: skip
+        except BaseException:
+            with contextlib.suppress(Exception):  # the original error matters more
+                self._call("abort_multipart_upload", key, Key=self._key(key), UploadId=upload)
+            raise
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", key, Key=self._key(key))
+
+    def list(self, prefix: str) -> list[str]:
+        keys, token = [], None
+        base = self._key(prefix).rstrip("/") + "/" if self._key(prefix) else ""
+        while True:
+            kwargs = {"Prefix": base, **({"ContinuationToken": token} if token else {})}
+            r = self._call("list_objects_v2", prefix, **kwargs)
+            keys += [o["Key"] for o in r.get("Contents", [])]
+            if not r.get("IsTruncated"):
+                break
+            token = r["NextContinuationToken"]
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(k[strip:] for k in keys)

@@ -1,0 +1,239 @@
+"""The few object-store operations publishing and pulling need, on a local folder or on S3.
+
+Both stores give the same guarantees, which is what the bucket protocol rests on:
+- `put_file` / `put_bytes(create=True)` are create-only: a second write of an existing key is
+  refused with `Exists` (S3: `If-None-Match: *`, multipart included; local: a hard link, which
+  the kernel refuses atomically when the name exists);
+- `put_bytes(if_match=etag)` replaces an object only if it is still the one read (S3: `If-Match`;
+  local: under an exclusive lock file), else `Changed`;
+- `read_range(..., etag)` reads bytes of exactly the object version read before (S3: `If-Match`
+  on the GET), else `Changed`.
+Every object also carries its sha256 (S3: user metadata `sha256`), so a re-run can tell a
+finished upload of the same content from anything else without downloading it.
+
+Credentials, endpoint and region come from the standard AWS environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_REGION`...), as boto reads them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fsspec.core import split_protocol, url_to_fs
+
+from loram_core.errors import LoramError
+
+# Bytes per multipart part and per ranged GET: 5 MiB is S3's minimum part, larger parts cost
+# fewer requests; 16 MiB keeps a budget of 16 parts in flight at 256 MiB of buffers.
+PART_SIZE = 16 * 2**20
+# Objects up to this size go in one PUT.
+SINGLE_PUT_MAX = PART_SIZE
+
+Progress = Callable[[int], None]  # called with a number of bytes just transferred
+
+
+class Exists(Exception):
+    """A create-only write found the key taken."""
+
+
+class Changed(Exception):
+    """A conditional read or write found the object no longer the one it was pinned to."""
+
+
+class Transient(Exception):
+    """A failure worth retrying (connection reset, timeout, 5xx, throttling)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD tells: size, ETag (opaque; not a content hash for multipart) and our sha256."""
+
+    size: int
+    etag: str
+    sha256: str | None
+
+
+def bucket_fs(uri: str):
+    """(fsspec filesystem, root path) of a bucket URI; a `LoramError` naming the URI if it cannot be opened."""
+    try:
+        return url_to_fs(uri)
+    except (ImportError, ValueError) as err:
+        raise LoramError(
+            f"cannot open bucket URI {uri!r}: {err}. Use file://PATH or s3://BUCKET/PREFIX."
+        ) from None
+
+
+def join(*parts: str) -> str:
+    """Join URI/key parts with single slashes."""
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p or not i)
+
+
+def open_store(uri: str, *, budget: int = 16, quick: bool = False) -> Store:
+    """The store under a bucket URI (`file://`, a path, or `s3://`; other fsspec stores are refused).
+
+    Args:
+        uri: the bucket root, e.g. `s3://models/loram` or `file://./bucket`.
+        budget: connections to keep open (the transfer's parts in flight).
+        quick: short connect/read timeouts and no retries (the preflight's probe).
+    """
+    protocol = split_protocol(uri)[0] or "file"
+    if protocol in ("file", "local"):
+        return LocalStore(bucket_fs(uri)[1])
+    if protocol in ("s3", "s3a"):
+        return S3Store(uri, budget=budget, quick=quick)
+    raise LoramError(
+        f"{uri!r}: publishing and pulling support file:// and s3:// (any S3-compatible store, "
+        "AWS_ENDPOINT_URL for one that is not AWS)."
+    )
+
+
+def file_sha256(path: Path, start: int = 0, end: int | None = None) -> str:
+    """sha256 of a local file (or of its bytes [start, end))."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = (os.path.getsize(path) if end is None else end) - start
+        while left > 0:
+            chunk = fh.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+class Store:
+    """Interface shared by `LocalStore` and `S3Store`; keys are '/'-separated, relative to the root."""
+
+    uri: str
+
+    def head(self, key: str) -> ObjectInfo | None:  # pragma: no cover - interface
+        """Size, ETag and recorded sha256 of an object; None if there is none."""
+        raise NotImplementedError
+
+    def read(self, key: str) -> tuple[bytes, str]:  # pragma: no cover - interface
+        """The whole object and its ETag."""
+        raise NotImplementedError
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:  # pragma: no cover
+        """Bytes [start, end) of the object, only if its ETag is still `etag` (else `Changed`)."""
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
+        """Write a small object: create-only (`Exists` if taken), or replacing the object whose ETag is
+        `if_match` (`Changed` if it moved), or unconditionally."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
+        """Create-only upload of a local file (`submit(fn)` runs a part under the shared budget)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def content_sha256(self, key: str) -> str:
+        """sha256 of an object's bytes, read whole (where the store kept no checksum)."""
+        return hashlib.sha256(self.read(key)[0]).hexdigest()
+
+    def delete(self, key: str) -> None:  # pragma: no cover - interface
+        """Remove an object (no error if it is gone)."""
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:  # pragma: no cover - interface
+        """Keys under `prefix/` (relative to the root)."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """A folder as a bucket: create-only by hard link, compare-and-swap under a lock file."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+        self.uri = f"file://{self.root}"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def head(self, key: str) -> ObjectInfo | None:
+        p = self._path(key)
+        if not p.is_file():
+            return None
+        st = p.stat()
+        # A local file has no stored checksum; its sha256 is cheap to compute when asked.
+        return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}", sha256=None)
+
+    def read(self, key: str) -> tuple[bytes, str]:
+        info = self.head(key)
+        if info is None:
+            raise FileNotFoundError(key)
+        return self._path(key).read_bytes(), info.etag
+
+    def content_sha256(self, key: str) -> str:
+        return file_sha256(self._path(key))
+
+    def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
+        info = self.head(key)
+        if info is None or info.etag != etag:
+            raise Changed(key)
+        with open(self._path(key), "rb") as fh:
+            fh.seek(start)
+            return fh.read(end - start)
+
+    def _link_new(self, tmp: Path, key: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp, target)  # atomic and create-only: fails if the name exists
+        except FileExistsError:
+            raise Exists(key) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _tmp(self, key: str) -> Path:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+    def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
+        tmp = self._tmp(key)
+        tmp.write_bytes(data)
+        if create:
+            return self._link_new(tmp, key)
+        lock = self._path(key).with_name(f".{self._path(key).name}.lock")
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            info = self.head(key)
+            if if_match is not None and (info is None or info.etag != if_match):
+                tmp.unlink(missing_ok=True)
+                raise Changed(key)
+            os.replace(tmp, self._path(key))
+
+    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
+        tmp = self._tmp(key)
+        submit(lambda: shutil.copyfile(local, tmp)).result()
+        progress(local.stat().st_size)
+        self._link_new(tmp, key)
+
+    def delete(self, key: str) -> None:
+        p = self._path(key)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            f.relative_to(self.root).as_posix()
+            for f in base.rglob("*")
+            if f.is_file() and not f.name.startswith(".")
+        )
+
+
+from loram_core.bucket.s3 import S3Store  # noqa: E402  (the S3 store builds on the definitions above)
