@@ -49,7 +49,7 @@ def run(
     ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
-    from flows._console import check_api_reachable, log_file_for, route_tracebacks
+    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
     from loram_core.config import load_config
     from loram_core.steps import pin_version, preflight
 
@@ -70,8 +70,8 @@ def run(
         route_tracebacks(log_file)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from flows.provider import provider
-    from tasks import _progress
+    from loram_provider.flows.provider import provider
+    from loram_provider.tasks import _progress
 
     bars: dict[str, int] = {}
     with Progress(
@@ -350,7 +350,7 @@ def verify(
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
-    from flows.verify import verify as verify_flow
+    from loram_provider.flows.verify import verify as verify_flow
 
     try:
         result = verify_flow(cfg.model_dump(mode="json"))
@@ -383,7 +383,7 @@ def deploy(
 ) -> None:
     """Create the work pool, the `gpu` limit, the deployments (one per preset, with schedules) and
     the zombie-run automation on the server PREFECT_API_URL names."""
-    from flows.deploy import apply, default_code_dir
+    from loram_provider.flows.deploy import apply, default_code_dir
 
     try:
         done = apply(spec, gpus, code_dir or default_code_dir(), only, None if no_automation else automation)

@@ -19,7 +19,7 @@ import yaml
 
 from loram_core.config import parse_config
 from loram_core.errors import ConfigError, LoramError
-from tasks._gpu import GPU_LIMIT
+from loram_provider.tasks._gpu import GPU_LIMIT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +129,7 @@ def apply(
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.utilities.callables import parameter_schema
 
-    from flows.provider import provider
+    from loram_provider.flows.provider import provider
 
     if gpus < 1:
         raise LoramError(f"--gpus {gpus}: the `gpu` limit needs at least one slot (one per GPU).")

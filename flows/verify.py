@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.provider import provider
+from loram_provider.flows.provider import provider
 from loram_core.config import parse_config
 from loram_core.verify import require_alignment
 

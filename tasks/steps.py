@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from loram_core import steps
 from loram_core.config import PipelineConfig
 from loram_core.device import describe
-from tasks._gpu import gpu_slots
-from tasks._progress import StepProgress
+from loram_provider.tasks._gpu import gpu_slots
+from loram_provider.tasks._progress import StepProgress
 
 
 def _log_device(cfg: PipelineConfig, step: str) -> None:

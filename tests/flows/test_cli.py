@@ -15,7 +15,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "llama-2-13b.config.json"
 
 def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "loram_provider.flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
     )
 
 
@@ -135,7 +135,7 @@ def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
 
 def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
     """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
-    from flows.provider import summary_markdown
+    from loram_provider.flows.provider import summary_markdown
     from loram_core.storage import verify_version
     from tests.flows.test_provider_flow import TINY
 
@@ -182,7 +182,7 @@ def test_every_command_prints_its_help() -> None:
     import typer
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from loram_provider.flows.cli import app
 
     commands = typer.main.get_command(app).commands
     assert {"run", "inspect", "plan", "recover", "merge"} <= set(commands)
@@ -198,7 +198,7 @@ def test_unreachable_prefect_api_is_one_paragraph_before_any_work(tmp_path: Path
 
     url = "http://127.0.0.1:9/api"  # the discard port: nothing listens there
     result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"],
+        [sys.executable, "-m", "loram_provider.flows.cli", "run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"],
         capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "PREFECT_API_URL": url},
     )  # fmt: skip
     assert result.returncode == 2
@@ -219,7 +219,7 @@ def fail(*args, **kwargs):
     raise LoramError("the base went away: point base.source at it again.")
 
 loram_core.steps.prepare_base = fail
-from flows.cli import app
+from loram_provider.flows.cli import app
 app(sys.argv[1:], prog_name="loram")
 """
 

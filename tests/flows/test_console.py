@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from flows._console import _DropHandled
+from loram_provider.flows._console import _DropHandled
 from loram_core.errors import LoramError
 
 
@@ -39,7 +39,7 @@ def test_run_summary_sizes_and_recovery_read_right(monkeypatch, tmp_path) -> Non
 
     from rich.console import Console
 
-    import flows.cli as cli
+    import loram_provider.flows.cli as cli
 
     out = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=out, width=200))

@@ -21,7 +21,7 @@ from loram_core.config import load_config, parse_config
 from loram_core.storage import verify_version
 from tests.flows.test_provider_flow import REPO, TINY
 
-LORAM = [sys.executable, "-m", "flows.cli"]
+LORAM = [sys.executable, "-m", "loram_provider.flows.cli"]
 
 
 def test_every_preset_has_a_deployment_whose_config_is_the_preset() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.provider import summary_markdown
+from loram_provider.flows.provider import summary_markdown
 from loram_core import steps
 from loram_core.config import load_config
 from loram_core.storage import verify_version

@@ -64,7 +64,7 @@ def test_bad_bucket_uri_fails_in_the_flows_preflight_before_pruning_and_notifies
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
-    from flows.provider import provider
+    from loram_provider.flows.provider import provider
 
     url, received = webhook
     CustomWebhookNotificationBlock(
@@ -102,7 +102,7 @@ def test_a_run_leaves_plan_evaluation_and_link_artifacts(
     tmp_path: Path,
 ) -> None:
 
-    from flows.provider import provider
+    from loram_provider.flows.provider import provider
 
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
         f"workdir={tmp_path / 'work'}", f"base.cache_dir={cache}", "quantize.enabled=false",
@@ -136,7 +136,7 @@ def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    import tasks._gpu as gpu
+    import loram_provider.tasks._gpu as gpu
 
     def active() -> int:
         with get_client(sync_client=True) as client:
@@ -158,7 +158,7 @@ KILLED_IN_QUANTIZE = """
 import sys, time
 from loram_core import steps
 from loram_core.config import load_config
-from flows.provider import provider
+from loram_provider.flows.provider import provider
 
 real = steps.quantize_checkpoint
 def slow(*args, **kwargs):  # pacing only: leaves time to kill the run inside quantize
@@ -182,7 +182,7 @@ def test_a_run_killed_during_quantize_reruns_without_pruning_or_aligning_again(
 
     from prefect.settings import PREFECT_API_URL
 
-    from flows.provider import provider
+    from loram_provider.flows.provider import provider
 
     work = tmp_path / "work"
     args = TINY + [f"workdir={work}", f"base.cache_dir={cache}", f"publish.uri=file://{tmp_path / 'bucket'}",

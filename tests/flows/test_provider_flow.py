@@ -55,7 +55,7 @@ def test_flow_publishes_a_verified_version(
 ) -> None:
     from prefect.client.orchestration import get_client  # noqa: F401 - the harness is live
 
-    from flows.provider import provider
+    from loram_provider.flows.provider import provider
 
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
@@ -105,8 +105,8 @@ def test_alignment_loss_curve_is_one_artifact_updated_during_the_run(
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
     from prefect.client.schemas.sorting import ArtifactSort
 
-    import tasks._progress as progress
-    from flows.provider import provider
+    import loram_provider.tasks._progress as progress
+    from loram_provider.flows.provider import provider
 
     drawn: list[str] = []
     draw = progress.loss_markdown

@@ -15,7 +15,7 @@ from tests.s3_server import ACCESS_KEY, SECRET_KEY, aws_env
 
 
 def loram(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "loram_provider.flows.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=env, timeout=900)  # fmt: skip
 
 

@@ -28,7 +28,7 @@ def prefect_server():
 
 def _loram(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich wraps tables to the terminal
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "loram_provider.flows.cli", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600, env=env)  # fmt: skip
 
 
@@ -41,7 +41,7 @@ def test_verify_flow_publishes_the_ablation_table_in_the_card_the_manifest_and_a
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from flows.verify import verify
+    from loram_provider.flows.verify import verify
 
     bucket = tmp_path / "bucket"
     common = TINY + [f"workdir={tmp_path / 'work'}", f"base.cache_dir={tmp_path / 'cache'}",

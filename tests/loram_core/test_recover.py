@@ -335,7 +335,7 @@ def test_merge_refuses_a_pruned_base_and_an_adapter_for_another_model(tmp_path) 
 def test_cli_recover_and_merge(tmp_path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from loram_provider.flows.cli import app
 
     original, pruned = _pruned_base(tmp_path)
     _adapter(pruned, tmp_path / "small")
