@@ -49,9 +49,9 @@ def run(
     ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
-    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
     from loram_core.config import load_config
     from loram_core.steps import pin_version, preflight
+    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
 
     flags = ([f"until={until}"] if until is not None else []) + (
         ["publish.enabled=false"] if no_publish else []

@@ -11,10 +11,10 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from loram_provider.flows import ops
 from loram_core.config import PipelineConfig, parse_config
 from loram_core.report import recovery_sentence
 from loram_core.steps import pin_version
+from loram_provider.flows import ops
 from loram_provider.tasks import steps as t
 from loram_provider.tasks.verify import verify as verify_task
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from prefect import flow
 
-from loram_provider.flows.provider import provider
 from loram_core.config import parse_config
 from loram_core.verify import require_alignment
+from loram_provider.flows.provider import provider
 
 
 @flow(name="loram-verify")

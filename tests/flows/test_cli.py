@@ -15,7 +15,11 @@ FIXTURE = REPO / "tests" / "fixtures" / "llama-2-13b.config.json"
 
 def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "loram_provider.flows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "loram_provider.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -135,8 +139,8 @@ def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
 
 def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
     """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
-    from loram_provider.flows.provider import summary_markdown
     from loram_core.storage import verify_version
+    from loram_provider.flows.provider import summary_markdown
     from tests.flows.test_provider_flow import TINY
 
     bucket = tmp_path / "bucket"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from loram_provider.flows._console import _DropHandled
 from loram_core.errors import LoramError
+from loram_provider.flows._console import _DropHandled
 
 
 def _record(

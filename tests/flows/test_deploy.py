@@ -27,10 +27,11 @@ LORAM = [sys.executable, "-m", "loram_provider.flows.cli"]
 def test_every_preset_has_a_deployment_whose_config_is_the_preset() -> None:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    fix = "run .venv/bin/python deploy/render_prefect_yaml.py"
+    assert set(deployments) == {p.stem for p in (REPO / "configs").glob("*.yaml")}, fix
     for name, dep in deployments.items():
         preset = load_config(REPO / "configs" / f"{name}.yaml")
-        assert parse_config(dep["parameters"]["config"]) == preset, name
+        assert parse_config(dep["parameters"]["config"]) == preset, f"{name}: {fix}"
         (schedule,) = dep["schedules"]
         assert schedule["cron"] and parse_config(schedule["parameters"]["config"]) == preset, name
         assert dep["entrypoint"] == "flows/provider.py:provider" and dep["work_pool"]["name"] == "loram-gpu"

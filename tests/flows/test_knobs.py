@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loram_provider.flows.provider import summary_markdown
 from loram_core import steps
 from loram_core.config import load_config
 from loram_core.storage import verify_version
+from loram_provider.flows.provider import summary_markdown
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.loram_core.test_checks import write_corpus
 
@@ -39,7 +39,9 @@ def test_alignment_off_scores_each_model_once_and_names_the_nf4_variant_pruned(t
     p = evaluation["params"]
     assert p["stored_params"] == p["pruned_params"] == p["nonzero_params"] < p["original_params"]
     assert p["reduction"] == p["original_params"] / p["stored_params"] and "sparse_kernel_reduction" not in p
-    uri = steps.publish(cfg, str(base), blocks, pruned, nf4, evaluation)
+    published = steps.publish(cfg, str(base), blocks, pruned, nf4, evaluation)
+    uri = published["uri"]
+    assert published["status"] == "published"
     local = tmp_path / "work" / "local-bucket"
     assert uri == f"file://{local.absolute()}/demo-llama/v1"
     manifest = verify_version(f"file://{local}/demo-llama")

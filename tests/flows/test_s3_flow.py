@@ -20,6 +20,8 @@ def loram(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_run_publishes_to_s3_and_pull_verifies_and_loads(s3: str, moto_server: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     from loram_core.models import load_model
 
     env = {**os.environ, **aws_env(moto_server), "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -46,6 +48,16 @@ def test_run_publishes_to_s3_and_pull_verifies_and_loads(s3: str, moto_server: s
         ours = load_model(tmp_path / "dest" / "model").eval()(ids).logits
         theirs = load_model(aligned).eval()(ids).logits
     assert torch.equal(ours, theirs)
+
+    # ... and stock transformers loads both variants of the pulled version (random structured: per-layer
+    # widths, so through the modeling code the version ships), with load_model's logits.
+    for variant in ("model", "model-nf4"):
+        path = tmp_path / "dest" / variant
+        with torch.no_grad():
+            stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()(ids).logits
+            reference = load_model(path).eval()(ids).logits
+        assert stock.shape == reference.shape == (1, 32, 512)
+        torch.testing.assert_close(stock.float(), reference.float(), atol=1e-3, rtol=1e-3)
 
     # Republishing the same content is a no-op, and says so.
     again = loram("run", str(REPO / "configs" / "demo.yaml"), *overrides, env=env)

@@ -1,7 +1,8 @@
 """Every published variant loads with stock transformers (or refuses loudly) and trains a peft LoRA.
 
 A tiny demo base (3 layers, 64 wide; the middle layer pruned, so a structured base has per-layer
-widths) is published once per strategy through the pipeline's own steps, without Prefect.
+widths) is published once per strategy through the pipeline's own steps, without Prefect, and
+pulled back from the bucket with `loram_core.bucket.pull` (verified), as a consumer gets it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loram_core import steps
+from loram_core.bucket import pull
 from loram_core.config import load_config
 from loram_core.models import load_model
 from loram_core.stock import MODELING_FILE, cpu_unpackable, needs_modeling_code
@@ -45,8 +47,10 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         aligned = steps.align(cfg, pruned, blocks)
         nf4 = steps.quantize(cfg, aligned)
         evaluation = steps.evaluate(cfg, base, pruned, aligned, nf4, blocks)
-        uri = steps.publish(cfg, base, blocks, aligned, nf4, evaluation)
-        versions[strategy] = Path(uri.removeprefix("file://"))
+        published = steps.publish(cfg, base, blocks, aligned, nf4, evaluation)
+        dest = root / "pulled" / strategy
+        pull(published["uri"], dest, cache=False)
+        versions[strategy] = dest
     versions["original"] = Path(base)
     return versions
 
