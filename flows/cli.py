@@ -227,6 +227,7 @@ def plan(
     section; with a model, unset options default to structured at 0.5.
     """
     from loram_core.config import load_config, parse_config
+    from loram_core.demo import base_model_config
     from loram_core.prune.plan import plan as make_plan
     from loram_core.prune.plan import read_model_config
 
@@ -234,7 +235,7 @@ def plan(
     try:
         if source.suffix in (".yaml", ".yml"):
             pipeline = load_config(source)
-            model_config = _base_model_config(pipeline)
+            model_config = base_model_config(pipeline.base)
             prune = pipeline.prune.model_dump()
             prune.update({k: v for k, v in options.items() if v is not None})
         else:
@@ -259,20 +260,6 @@ def plan(
         f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {format_gib(p.hbm_gb)} bf16, "
         f"{format_gib(p.hbm_gb_4bit)} 4-bit (QLoRAM accounting), {format_gib(p.hbm_gb_4bit_actual)} 4-bit actual"
     )
-
-
-def _base_model_config(pipeline):
-    """The base model's config for a pipeline: read from `base.source`, or the demo's, built in memory."""
-    from loram_core.prune.plan import read_model_config
-
-    if pipeline.base.source != "demo":
-        return read_model_config(pipeline.base.source)
-    from transformers import LlamaConfig
-
-    d = pipeline.base.demo
-    return LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
-                       num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
-                       num_key_value_heads=d.num_key_value_heads, tie_word_embeddings=False)  # fmt: skip
 
 
 @app.command()

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedTokenizerFast
 
 from loram_core.align import ProgressFn, train_causal_lm
-from loram_core.config import AlignConfig, BaseConfig, CorpusConfig, fingerprint
+from loram_core.config import AlignConfig, BaseConfig, CorpusConfig, DemoBaseConfig, fingerprint
 from loram_core.data import demo_corpus_file, files_fingerprint, make_blocks, read_documents
 
 # Bump when the recipe below changes, so caches built by older code are not reused.
@@ -56,6 +56,31 @@ def demo_key(base: BaseConfig, corpus: CorpusConfig, heldout_unit: str = "docume
     return fingerprint(key)
 
 
+def demo_architecture(d: DemoBaseConfig, **overrides: Any) -> LlamaConfig:
+    """The demo base's LLaMA architecture (GQA, untied head) from its settings; `overrides` win."""
+    return LlamaConfig(
+        **{
+            "vocab_size": d.vocab_size,
+            "hidden_size": d.hidden_size,
+            "intermediate_size": d.intermediate_size,
+            "num_hidden_layers": d.num_hidden_layers,
+            "num_attention_heads": d.num_attention_heads,
+            "num_key_value_heads": d.num_key_value_heads,
+            "tie_word_embeddings": False,
+            **overrides,
+        }
+    )
+
+
+def base_model_config(base: BaseConfig) -> PretrainedConfig:
+    """The original model's config without loading weights: read from `base.source`, or the demo's."""
+    if base.source != "demo":
+        from loram_core.prune.plan import read_model_config
+
+        return read_model_config(base.source)
+    return demo_architecture(base.demo)
+
+
 def build_demo_base(
     base: BaseConfig,
     corpus: CorpusConfig,
@@ -77,18 +102,13 @@ def build_demo_base(
     blocks = make_blocks(
         docs, tokenizer, d.seq_len, corpus.heldout_fraction, seed=d.seed, heldout_unit=heldout_unit
     )
-    config = LlamaConfig(
+    config = demo_architecture(
+        d,
         vocab_size=len(tokenizer),
-        hidden_size=d.hidden_size,
-        intermediate_size=d.intermediate_size,
-        num_hidden_layers=d.num_hidden_layers,
-        num_attention_heads=d.num_attention_heads,
-        num_key_value_heads=d.num_key_value_heads,
         max_position_embeddings=4 * d.seq_len,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     train_cfg = AlignConfig(

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from loram_core.bucket.store import Changed, Store, file_sha256, join, open_store
+from loram_core.bucket.store import ByteCounter, Changed, Store, file_sha256, join, open_store
 from loram_core.bucket.versions import resolve_version
 from loram_core.errors import IntegrityError, LoramError
 from loram_core.manifest import FileEntry, Manifest, safe_relative
@@ -143,16 +143,7 @@ def _fetch_all(
     store: Store, version_key: str, entries: list[FileEntry], staging: Path, cache: Path | None,
     progress: Progress | None,
 ) -> None:  # fmt: skip
-    total = max(sum(e.size for e in entries) >> 20, 1)
-    lock, done = threading.Lock(), [0]
-
-    def advance(n: int, what: str) -> None:
-        with lock:
-            done[0] += n
-            current = done[0]
-        if progress is not None:
-            progress({"step": min(current >> 20, total), "total": total, "what": what})
-
+    advance = ByteCounter(sum(e.size for e in entries), progress).advance
     budget = _Budget(PARTS_IN_FLIGHT)
     with (
         ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="loram-range") as parts,

@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,24 @@ PART_SIZE = 16 * 2**20
 SINGLE_PUT_MAX = PART_SIZE
 
 Progress = Callable[[int], None]  # called with a number of bytes just transferred
+
+
+class ByteCounter:
+    """Bytes moved by many threads, reported as MiB done of a total to a step-progress callback."""
+
+    def __init__(self, total_bytes: int, report: Callable[[dict], None] | None) -> None:
+        self.total = max(total_bytes >> 20, 1)
+        self.report = report
+        self._lock = threading.Lock()
+        self._done = 0
+
+    def advance(self, n: int, what: str) -> None:
+        """Count `n` more bytes of file `what` and report `{"step": MiB, "total": MiB, "what": what}`."""
+        with self._lock:
+            self._done += n
+            current = self._done
+        if self.report is not None:
+            self.report({"step": min(current >> 20, self.total), "total": self.total, "what": what})
 
 
 class Exists(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from loram_core.bucket.store import Changed, Exists, Store, join, open_store
+from loram_core.bucket.store import ByteCounter, Changed, Exists, Store, join, open_store
 from loram_core.errors import LoramError
 from loram_core.manifest import FileEntry, Manifest, safe_relative
 
@@ -166,15 +165,7 @@ def _upload_files(
             continue
         todo.append(entry)
     total = sum(e.size for e in todo)
-    lock, done = threading.Lock(), [0]
-
-    def advance(n: int, what: str) -> None:
-        with lock:
-            done[0] += n
-            current = done[0]
-        if progress is not None:
-            progress({"step": current >> 20, "total": max(total >> 20, 1), "what": what})
-
+    advance = ByteCounter(total, progress).advance
     with (
         ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="loram-part") as parts,
         ThreadPoolExecutor(FILES_IN_FLIGHT, thread_name_prefix="loram-file") as files,

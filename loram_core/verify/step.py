@@ -14,10 +14,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaConfig, PretrainedConfig
+from transformers import AutoTokenizer, PretrainedConfig
 
 from loram_core.config import SPARSE, PipelineConfig, fingerprint
 from loram_core.data import read_documents, resolve_files
+from loram_core.demo import base_model_config
 from loram_core.device import describe, resolve_device
 from loram_core.errors import ConfigError, LoramError
 from loram_core.models import head_dim, load_config
@@ -26,18 +27,6 @@ from loram_core.verify.task import TASK_NAME, encode, make_task, task_fingerprin
 
 _STRUCTURED_MODES = ("auto", "zeroA", "normA")
 _SPARSE_MODES = ("auto", "dense", "mask", "complement")
-
-
-def _base_config(cfg: PipelineConfig) -> PretrainedConfig:
-    """The original model's config, without loading weights (the demo's is built from its settings)."""
-    if cfg.base.source != "demo":
-        from loram_core.prune.plan import read_model_config
-
-        return read_model_config(cfg.base.source)
-    d = cfg.base.demo
-    return LlamaConfig(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
-                       num_hidden_layers=d.num_hidden_layers, num_attention_heads=d.num_attention_heads,
-                       num_key_value_heads=d.num_key_value_heads, tie_word_embeddings=False)  # fmt: skip
 
 
 def narrowest_target(config: PretrainedConfig, cfg: PipelineConfig) -> tuple[int, str, int]:
@@ -98,7 +87,7 @@ def check_verify(cfg: PipelineConfig) -> None:
             f"verify.recover_mode={v.recover_mode!r} does not apply to prune.strategy={cfg.prune.strategy!r}; "
             f"use one of {list(allowed)}."
         )
-    config = _base_config(cfg)
+    config = base_model_config(cfg.base)
     layer, module, width = narrowest_target(config, cfg)
     if v.rank > width:
         raise ConfigError(
