@@ -49,6 +49,7 @@ def run(
     ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
+    from loram_core.bucket.credentials import aws_environment
     from loram_core.config import load_config
     from loram_core.steps import pin_version, preflight
     from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
@@ -57,11 +58,11 @@ def run(
         ["publish.enabled=false"] if no_publish else []
     )
     try:
-        cfg = pin_version(
-            load_config(config, [*(overrides or []), *flags])
-        )  # the version is checked for a clash now
-        preflight(cfg)
         check_api_reachable()
+        cfg = load_config(config, [*(overrides or []), *flags])
+        with aws_environment(cfg.credentials_block):
+            cfg = pin_version(cfg)  # the version is checked for a clash now
+            preflight(cfg)
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
@@ -139,14 +140,17 @@ def _print_summary(result: dict) -> None:
     table.add_column("model")
     table.add_column("held-out perplexity", justify="right")
     table.add_column("stored parameters", justify="right")
+    table.add_column("weights memory", justify="right")
     stored = p.get("stored_params", p["pruned_params"])
-    table.add_row("original", f"{m['original_ppl']:.2f}", f"{p['original_params']:,}")
-    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{stored:,}")
+    sixteen = format_gib(p.get("hbm_gb", stored * 2 / 2**30))
+    table.add_row("original", f"{m['original_ppl']:.2f}", f"{p['original_params']:,}",
+                  format_gib(p["original_params"] * 2 / 2**30))  # fmt: skip
+    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{stored:,}", sixteen)
     if "aligned_ppl" in m:
-        table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{stored:,}")
+        table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{stored:,}", sixteen)
     for key, label in (("aligned_nf4_ppl", "aligned, NF4"), ("pruned_nf4_ppl", "pruned, NF4")):
         if key in m:
-            table.add_row(label, f"{m[key]:.2f}", format_gib(p["hbm_gb_4bit_actual"]))
+            table.add_row(label, f"{m[key]:.2f}", f"{stored:,}", format_gib(p["hbm_gb_4bit_actual"]))
     console.print(table)
     compute = result.get("compute") or {}
     if compute:
@@ -162,6 +166,20 @@ def _print_summary(result: dict) -> None:
     console.print(sizes)
     if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
         console.print(recovery_sentence(m), highlight=False)
+    if result.get("verification"):
+        _print_verification(result["verification"])
+
+
+def _print_verification(verification: dict) -> None:
+    """The LoRA ablation's table (`verify` section), as the card shows it."""
+    table = Table(title="LoRA trained small, inferred large (held-out task loss, lower is better)")
+    for col in ("setting", "LoRA trained on", "inference on", "task loss", "token accuracy"):
+        table.add_column(col, justify="right" if col in ("task loss", "token accuracy") else "left")
+    for r in verification["rows"]:
+        table.add_row(
+            r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
+        )
+    console.print(table)
 
 
 @app.command()
@@ -326,6 +344,7 @@ def verify(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: verify.rank=4")] = None,  # noqa: UP045
 ) -> None:
     """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
+    from loram_core.bucket.credentials import aws_environment
     from loram_core.config import load_config
     from loram_core.steps import preflight
     from loram_core.verify import require_alignment
@@ -333,7 +352,8 @@ def verify(
     try:
         cfg = load_config(config, [*(overrides or []), "verify.enabled=true"])
         require_alignment(cfg)
-        preflight(cfg)
+        with aws_environment(cfg.credentials_block):
+            preflight(cfg)
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
@@ -344,14 +364,6 @@ def verify(
     except LoramError as err:
         _fail(err)
     _print_summary(result)
-    table = Table(title="LoRA trained small, inferred large (held-out task loss, lower is better)")
-    for col in ("setting", "LoRA trained on", "inference on", "task loss", "token accuracy"):
-        table.add_column(col, justify="right" if col in ("task loss", "token accuracy") else "left")
-    for r in result["verification"]["rows"]:
-        table.add_row(
-            r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
-        )
-    console.print(table)
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from loram_core.bucket.credentials import aws_environment
 from loram_core.config import PipelineConfig, parse_config
 from loram_core.report import recovery_sentence
 from loram_core.steps import pin_version
@@ -34,6 +35,12 @@ def provider(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             validated into a `PipelineConfig`. Checked in the preflight before any compute.
     """
     cfg = config if isinstance(config, PipelineConfig) else parse_config(config)
+    with aws_environment(cfg.credentials_block):  # s3:// from a Prefect block, else the AWS environment
+        return _pipeline(cfg)
+
+
+def _pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """The provider's steps, in order, after the preflight; returns what the run made and published."""
     cfg = pin_version(cfg)  # one version per run: a retried publish reuses it
     ops.tag_run(cfg)
     ops.track_children(cfg)

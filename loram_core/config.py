@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -161,16 +161,29 @@ class PruneConfig(_Section):
         return first, num_layers - last
 
 
-class CalibrationConfig(_Section):
+class _TextSource(_Section):
+    """A data section's text: the corpus (`corpus`) or files of its own, read as `format`."""
+
+    key: ClassVar[str]  # the section's name in the config, for messages
+    source: Literal["corpus"] | list[str] = "corpus"
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = "text"
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return _paths_or(value, "corpus", f"{cls.key}.source")
+
+
+class CalibrationConfig(_TextSource):
     """Calibration text for pruning (SparseGPT's Hessians, Taylor gradients): `samples` x `seq_len` tokens."""
 
+    key: ClassVar[str] = "calibration"
     source: Literal["corpus"] | list[str] = Field(
         "corpus",
         description="`corpus`: blocks of the corpus's training split (never its held-out text), or "
         "files/globs of text, jsonl or parquet of its own (local or s3://).",
     )
-    format: Literal["auto", "text", "json", "parquet"] = "auto"
-    text_field: str = "text"
     samples: int = Field(
         32, ge=1, description="Calibration blocks (sequences), as llmcompressor's num_calibration_samples."
     )
@@ -183,22 +196,16 @@ class CalibrationConfig(_Section):
         "(the corpus's training order, shuffled by corpus.seed; a file's first samples x seq_len tokens).",
     )
 
-    @field_validator("source", mode="before")
-    @classmethod
-    def _one_path_is_a_list(cls, value: Any) -> Any:
-        return _paths_or(value, "corpus", "calibration.source")
 
-
-class EvalConfig(_Section):
+class EvalConfig(_TextSource):
     """The held-out text every model's perplexity is measured on."""
 
+    key: ClassVar[str] = "eval"
     source: Literal["corpus"] | list[str] = Field(
         "corpus",
         description="`corpus`: the corpus's held-out split (never trained on), or files/globs of text, jsonl "
         "or parquet of its own, scored from their start.",
     )
-    format: Literal["auto", "text", "json", "parquet"] = "auto"
-    text_field: str = "text"
     heldout_fraction: float | None = Field(
         None,
         gt=0,
@@ -208,11 +215,6 @@ class EvalConfig(_Section):
     )
     blocks: int | None = Field(None, ge=1, description="Blocks scored; unset: corpus.eval_blocks.")
     seq_len: int | None = Field(None, ge=16, description="Tokens per block; unset: corpus.seq_len.")
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _one_path_is_a_list(cls, value: Any) -> Any:
-        return _paths_or(value, "corpus", "eval.source")
 
 
 class AlignConfig(_Section):
@@ -360,6 +362,12 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
     verify: VerifyConfig = VerifyConfig()
+    credentials_block: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="A saved Prefect `aws-credentials` block (prefect-aws's AwsCredentials) whose key, region and "
+        "endpoint every s3:// access of the run uses; unset: the standard AWS environment.",
+    )
     notify_block: str | None = Field(
         None,
         pattern=r"^[a-z0-9-]+/[A-Za-z0-9._-]+$",

@@ -149,7 +149,7 @@ def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(t
                    "prune.strategy=semi", "--until", "prune")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "original" in out and "pruned" in out and "non-zero weights" in out
+    assert "original" in out and "pruned" in out and "non-zero weights" in out and "weights memory" in out
     assert "reduction with a sparse kernel only" in out and "reduction as stored" in out and "1.00x" in out
     assert "aligned" not in out and "alignment" not in out and "NF4," not in out
     manifest = verify_version(f"file://{bucket}/demo-llama")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -59,14 +60,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(predicate, timeout: float, what: str):
+def _wait(predicate, timeout: float, what: str, logs: tuple[Path, ...] = ()):
+    """Poll `predicate` until it returns something truthy; on timeout fail with the tails of `logs`."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    tails = "".join(f"\n--- {p} ---\n{p.read_text()[-3000:]}" for p in logs if p.is_file())
+    raise AssertionError(f"timed out waiting for {what}{tails}")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +78,10 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    # The scheduler looks for new schedules every 5 s (default 60 s), so a schedule's first run is
+    # made seconds after it is created.
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}  # fmt: skip
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
@@ -91,7 +97,7 @@ def server(tmp_path_factory):
 
     _wait(healthy, 240, "the Prefect server (database migration takes 20-60 s here)")
     client_env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home / "client"),
-                  "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # fmt: skip
+                  "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORAM_TEST_LOGS": str(home / "server.log")}  # fmt: skip
     try:
         yield client_env
     finally:
@@ -115,14 +121,25 @@ def worker(server, tmp_path_factory):
         cwd=cwd, env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        yield server
+        yield {**server, "LORAM_TEST_LOGS": f"{server['LORAM_TEST_LOGS']}{os.pathsep}{cwd / 'worker.log'}"}
     finally:
         launch.kill_group(proc.pid, grace_s=10)
         log.close()
 
 
+def _logs(env: dict) -> tuple[Path, ...]:
+    """The server's and the worker's log files, shown when a wait times out."""
+    return tuple(Path(p) for p in env["LORAM_TEST_LOGS"].split(os.pathsep))
+
+
 def _api(env: dict, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{env['PREFECT_API_URL']}{path}", timeout=30, **kw).raise_for_status()
+    """One call to the server's REST API; 503 and 429 (a busy SQLite server) retried as Prefect's client does."""
+    for attempt in range(6):
+        r = httpx.request(method, f"{env['PREFECT_API_URL']}{path}", timeout=30, **kw)
+        if r.status_code not in (429, 503):
+            break
+        time.sleep(2**attempt)
+    return r.raise_for_status()
 
 
 def _run_deployment(env: dict, name: str, config: dict) -> str:
@@ -133,12 +150,38 @@ def _run_deployment(env: dict, name: str, config: dict) -> str:
     ).json()["id"]
 
 
+def _schedule_soon(env: dict, name: str, config: dict, in_s: float = 15) -> str:
+    """What a team does with `prefect deployment schedule create`: a new schedule on the deployment
+    whose first run is `in_s` from now and carries `config`. Every other schedule on the server is
+    paused first, so the one-run worker takes this run and nothing else. Returns the deployment's id."""
+    for dep in _api(env, "POST", "/deployments/filter", json={"limit": 50}).json():
+        for s in dep["schedules"]:
+            _api(env, "PATCH", f"/deployments/{dep['id']}/schedules/{s['id']}", json={"active": False})
+    dep = _api(env, "GET", f"/deployments/name/loram-provider/{name}").json()
+    anchor = datetime.now(timezone.utc) + timedelta(seconds=in_s)
+    schedule = {"interval": 86400, "anchor_date": anchor.isoformat(), "timezone": "UTC"}
+    _api(env, "POST", f"/deployments/{dep['id']}/schedules",
+         json=[{"schedule": schedule, "active": True, "parameters": {"config": config}}])  # fmt: skip
+    return dep["id"]
+
+
+def _scheduled_run(env: dict, deployment_id: str, workdir: str) -> str | None:
+    """The id of the first run the scheduler made for `deployment_id` whose config has this workdir
+    (it makes several ahead, a day apart; the API lists the latest first)."""
+    runs = _api(env, "POST", "/flow_runs/filter",
+                json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "limit": 50}).json()  # fmt: skip
+    mine = [r for r in runs if r["auto_scheduled"] and r["parameters"]["config"].get("workdir") == workdir]
+    return min(mine, key=lambda r: r["expected_start_time"])["id"] if mine else None
+
+
 def _state(env: dict, run_id: str) -> str:
     return _api(env, "GET", f"/flow_runs/{run_id}").json()["state"]["type"]
 
 
 @pytest.mark.slow
-def test_deploy_and_a_worker_run_the_demo_to_completed_and_publish(worker, tmp_path: Path) -> None:
+def test_deploy_and_a_worker_run_the_demo_from_a_schedule_and_publish(worker, tmp_path: Path) -> None:
+    """`loram deploy`, then a schedule on the demo deployment: the server's scheduler makes the run,
+    the worker runs it to Completed, it publishes, and its name, tags and artifacts are there."""
     env = worker
     deps = _api(env, "POST", "/deployments/filter", json={"limit": 50}).json()
     assert {d["name"] for d in deps} == {p.stem for p in (REPO / "configs").glob("*.yaml")}
@@ -156,9 +199,11 @@ def test_deploy_and_a_worker_run_the_demo_to_completed_and_publish(worker, tmp_p
         f"workdir={tmp_path / 'work'}", f"base.cache_dir={tmp_path / 'cache'}",
         f"publish.uri=file://{tmp_path / 'bucket'}", "publish.version=v1",
     ])  # fmt: skip
-    run_id = _run_deployment(env, "demo", cfg.model_dump(mode="json"))
+    deployment_id = _schedule_soon(env, "demo", cfg.model_dump(mode="json"))
+    run_id = _wait(lambda: _scheduled_run(env, deployment_id, str(cfg.workdir)), 120,
+                   "the scheduler to make the run", _logs(env))  # fmt: skip
     state = _wait(lambda: (s := _state(env, run_id)) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s,
-                  600, "the deployed run")  # fmt: skip
+                  600, "the scheduled run", _logs(env))  # fmt: skip
     assert state == "COMPLETED"
     assert verify_version(f"file://{tmp_path / 'bucket'}/demo-llama").version == "v1"
     run = _api(env, "GET", f"/flow_runs/{run_id}").json()
@@ -186,11 +231,11 @@ def test_cancelling_a_deployed_torchrun_alignment_leaves_no_process(worker, tmp_
     ])  # fmt: skip
     run_id = _run_deployment(env, "demo", cfg.model_dump(mode="json"))
     registry = work / "pgroups" / run_id
-    entry = _wait(lambda: next(registry.glob("*.pgid"), None), 600, "the torchrun launch")
+    entry = _wait(lambda: next(registry.glob("*.pgid"), None), 600, "the torchrun launch", _logs(env))
     pgid = int(entry.stem)
     members = _wait(lambda: t if len(t := launch.tree(pgid)) >= 3 else None, 120, "torchrun's two workers")
     _api(env, "POST", f"/flow_runs/{run_id}/set_state", json={"state": {"type": "CANCELLING"}, "force": True})
-    _wait(lambda: _state(env, run_id) == "CANCELLED", 180, "the run to be cancelled")
+    _wait(lambda: _state(env, run_id) == "CANCELLED", 180, "the run to be cancelled", _logs(env))
     _wait(lambda: not any(launch._alive(pid) for pid in members), 60, "torchrun's processes to go")
     assert (
         json.loads((next(work.glob("align-*.partial")) / "run-config.json").read_text())["align"][
