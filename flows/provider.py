@@ -48,10 +48,12 @@ def _pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     base = t.prepare_base(cfg)
     ops.plan_artifact_for(cfg, base)
     corpus = t.prepare_corpus(cfg, base)
-    pruned = t.prune(cfg, base, corpus)
+    calibration = t.prepare_calibration(cfg, base, corpus)
+    # Each model step gets its own section and the run's context (work dir, device), nothing else.
+    pruned = t.prune(cfg.prune, cfg.context, base, calibration)
     # `until` and each section's `enabled` choose the model steps; evaluate and publish always run.
-    aligned = t.align(cfg, pruned, corpus) if cfg.runs("align") else pruned
-    nf4 = t.quantize(cfg, aligned) if cfg.runs("quantize") else None
+    aligned = t.align(cfg.align, cfg.context, pruned, corpus) if cfg.runs("align") else pruned
+    nf4 = t.quantize(cfg.quantize, cfg.context, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None
     ops.evaluation_artifact(evaluation)

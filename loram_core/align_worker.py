@@ -1,9 +1,9 @@
 """Entry point of one alignment process under torchrun (several GPUs of a node, or several nodes).
 
     torchrun --standalone --nproc_per_node 8 -m loram_core.align_worker \\
-        --config run.json --pruned PRUNED_DIR --blocks blocks.safetensors --workdir WORK --out OUT
+        --config align-config.json --pruned PRUNED_DIR --blocks blocks.safetensors --workdir WORK --out OUT
 
-`config` is a `PipelineConfig` as JSON (only `align` is read). Rank 0 prints one JSON line per
+`config` is the `align` section (`AlignConfig`) as JSON. Rank 0 prints one JSON line per
 progress report (`{"progress": {...}}`) for the launching task, and saves the final model to OUT.
 Multi-node: replace `--standalone` by `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`.
 """
@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from loram_core import distributed
     from loram_core.align import train_causal_lm
-    from loram_core.config import parse_config
+    from loram_core.config import AlignConfig
     from loram_core.data import load_blocks
     from loram_core.models import load_model
     from loram_core.prune import load_masks
 
-    cfg = parse_config(json.loads(Path(args.config).read_text()), source=args.config).align
+    cfg = AlignConfig.model_validate_json(Path(args.config).read_text())
     info = distributed.setup()
     model = load_model(args.pruned).to(info.device)
     masks = load_masks(Path(args.pruned) / "masks" / "masks.safetensors").keep_masks() or None

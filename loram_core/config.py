@@ -337,6 +337,13 @@ class VerifyConfig(_Section):
     seed: int = 0
 
 
+class RunContext(_Section):
+    """What the model steps share besides their own section: where outputs go and where they compute."""
+
+    workdir: str = Field(description="Step outputs, keyed by the hash of their inputs.")
+    device: str = Field(pattern=DEVICE_PATTERN, description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+
+
 class PipelineConfig(_Section):
     """The whole provider job; one section per step."""
 
@@ -386,6 +393,11 @@ class PipelineConfig(_Section):
         if self.prune.calib_samples != self.calibration.samples:
             self.prune.calib_samples = self.calibration.samples
         return self
+
+    @property
+    def context(self) -> RunContext:
+        """The run's work dir and device: what prune, align and quantize get beside their own section."""
+        return RunContext(workdir=self.workdir, device=self.device)
 
     def runs(self, step: Literal["align", "quantize", "verify"]) -> bool:
         """Whether this run makes the model of `step` (`until` reaches it and its section is enabled).

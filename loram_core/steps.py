@@ -23,7 +23,15 @@ from transformers import AutoTokenizer
 
 from loram_core import __version__
 from loram_core.align import clear_checkpoint, train_causal_lm
-from loram_core.config import SPARSE, PipelineConfig, fingerprint
+from loram_core.config import (
+    SPARSE,
+    AlignConfig,
+    PipelineConfig,
+    PruneConfig,
+    QuantizeConfig,
+    RunContext,
+    fingerprint,
+)
 from loram_core.data import (
     files_fingerprint,
     load_blocks,
@@ -48,13 +56,13 @@ from loram_core.sources import TextBlocks, calibration_blocks, eval_blocks, held
 Progress = Callable[[dict], None]
 
 
-def _step_dir(cfg: PipelineConfig, name: str, key: dict) -> Path:
-    return Path(cfg.workdir).expanduser() / f"{name}-{fingerprint(key)}"
+def _step_dir(ctx: RunContext | PipelineConfig, name: str, key: dict) -> Path:
+    return Path(ctx.workdir).expanduser() / f"{name}-{fingerprint(key)}"
 
 
-def compute_device(cfg: PipelineConfig) -> torch.device:
+def compute_device(ctx: RunContext | PipelineConfig) -> torch.device:
     """The device every in-process step computes on (`device`, with `auto` resolved)."""
-    return resolve_device(cfg.device)
+    return resolve_device(ctx.device)
 
 
 def _commit(tmp: Path, final: Path) -> Path:
@@ -206,28 +214,32 @@ def text_blocks_info(blocks_file: str) -> dict:
     return json.loads(path.with_suffix(".json").read_text())
 
 
-def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
-    """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`."""
-    device = compute_device(cfg)
-    calib_file = prepare_calibration(cfg, base_dir, blocks_file)
-    key = {
-        "prune": cfg.prune.model_dump(),
-        "base": base_dir,
-        "calibration": calib_file,
-        "device": device.type,
-    }
-    out = _step_dir(cfg, "prune", key)
+def prune(
+    prune: PruneConfig, ctx: RunContext, base_dir: str, calib_file: str, progress: Progress | None = None
+) -> str:
+    """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`.
+
+    Args:
+        prune: the `prune` section.
+        ctx: the run's work dir and device.
+        base_dir: the original checkpoint.
+        calib_file: the calibration blocks (`prepare_calibration`).
+        progress: called with `{"step", "total", "what"}` per layer and phase.
+    """
+    device = compute_device(ctx)
+    key = {"prune": prune.model_dump(), "base": base_dir, "calibration": calib_file, "device": device.type}
+    out = _step_dir(ctx, "prune", key)
     if (out / "config.json").is_file():
         return str(out)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
     calib = load_file(calib_file)["blocks"]
-    torch.manual_seed(cfg.prune.seed)
+    torch.manual_seed(prune.seed)
 
     def report(what: str, done: int, total: int) -> None:
         if progress is not None:
             progress({"step": done, "total": total, "what": what})
 
-    masks = prune_checkpoint(base_dir, tmp, cfg.prune, calib, report, device=device)
+    masks = prune_checkpoint(base_dir, tmp, prune, calib, report, device=device)
     save_masks(masks, tmp / "masks" / "masks.safetensors")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
     return str(_commit(tmp, out))
@@ -238,31 +250,41 @@ def _sparse_masks(pruned_dir: str) -> dict[str, torch.Tensor] | None:
     return masks.keep_masks() or None
 
 
-def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Progress | None = None) -> str:
-    """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash."""
-    device = compute_device(cfg)
+def align(
+    align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str, progress: Progress | None = None
+) -> str:
+    """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash.
+
+    Args:
+        align: the `align` section (`nproc_per_node` > 1 runs it under torchrun).
+        ctx: the run's work dir and device.
+        pruned_dir: the pruned checkpoint (`prune`).
+        blocks_file: the corpus's packed blocks (`prepare_corpus`); trained on its training split.
+        progress: called with `{"step", "total", "loss", ...}` as training goes.
+    """
+    device = compute_device(ctx)
     key = {
-        "align": cfg.align.model_dump(exclude={"deadline_minutes"}),  # a deadline does not change the result
+        "align": align.model_dump(exclude={"deadline_minutes"}),  # a deadline does not change the result
         "pruned": pruned_dir,
         "corpus": blocks_file,
         "device": device.type,
     }
-    out = _step_dir(cfg, "align", key)
+    out = _step_dir(ctx, "align", key)
     if (out / "config.json").is_file():
         return str(out)
-    if not cfg.align.enabled:
+    if not align.enabled:
         return pruned_dir
     work = out.with_name(out.name + ".partial")  # checkpoints live here until the model is saved
     work.mkdir(parents=True, exist_ok=True)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
-    if cfg.align.nproc_per_node > 1:
-        result = _align_torchrun(cfg, pruned_dir, blocks_file, work, tmp, progress)
+    if align.nproc_per_node > 1:
+        result = _align_torchrun(align, pruned_dir, blocks_file, work, tmp, progress)
     else:
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
         result = train_causal_lm(
-            model, blocks.train, cfg.align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir),
-            progress=_with_deadline(progress, _deadline_s(cfg), work),
+            model, blocks.train, align, checkpoint_dir=work, masks=_sparse_masks(pruned_dir),
+            progress=_with_deadline(progress, _deadline_s(align), work),
         ).to_dict()  # fmt: skip
         model.to("cpu").save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
@@ -277,8 +299,8 @@ def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str, progress: Prog
 _DEADLINE_FIX = "run it again to resume from there, with a larger align.deadline_minutes (or none)."
 
 
-def _deadline_s(cfg: PipelineConfig) -> float | None:
-    minutes = cfg.align.deadline_minutes
+def _deadline_s(align: AlignConfig) -> float | None:
+    minutes = align.deadline_minutes
     return None if minutes is None else 60.0 * minutes
 
 
@@ -301,13 +323,13 @@ def _with_deadline(progress: Progress | None, deadline_s: float | None, work: Pa
 
 
 def _align_torchrun(
-    cfg: PipelineConfig, pruned_dir: str, blocks_file: str, work: Path, out: Path, progress: Progress | None
+    align: AlignConfig, pruned_dir: str, blocks_file: str, work: Path, out: Path, progress: Progress | None
 ) -> dict:
     """Run the alignment loop in `align.nproc_per_node` processes on this node under torchrun."""
-    config_file = work / "run-config.json"
-    config_file.write_text(cfg.model_dump_json())
+    config_file = work / "align-config.json"
+    config_file.write_text(align.model_dump_json())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={cfg.align.nproc_per_node}", "-m", "loram_core.align_worker",
+           f"--nproc_per_node={align.nproc_per_node}", "-m", "loram_core.align_worker",
            "--config", str(config_file), "--pruned", pruned_dir, "--blocks", blocks_file,
            "--workdir", str(work), "--out", str(out)]  # fmt: skip
 
@@ -318,9 +340,9 @@ def _align_torchrun(
         else:
             sys.stdout.write(line)
 
-    what = f"alignment under torchrun ({cfg.align.nproc_per_node} processes)"
+    what = f"alignment under torchrun ({align.nproc_per_node} processes)"
     try:  # torchrun and its workers run in a process group of their own, killed on every exit path
-        code = run_group(cmd, on_line, _deadline_s(cfg), what)
+        code = run_group(cmd, on_line, _deadline_s(align), what)
     except DeadlineExceeded as err:
         raise DeadlineExceeded(f"{err} Its checkpoint in {work} is kept: {_DEADLINE_FIX}") from None
     if code:
@@ -334,17 +356,17 @@ def _align_torchrun(
     return result
 
 
-def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:
-    """The 4-bit variant of the aligned model, or None when disabled."""
-    if not cfg.quantize.enabled:
+def quantize(quantize: QuantizeConfig, ctx: RunContext, aligned_dir: str) -> str | None:
+    """The 4-bit variant of the aligned (or pruned) model, or None when the section is disabled."""
+    if not quantize.enabled:
         return None
-    device = compute_device(cfg)
-    key = {"quantize": cfg.quantize.model_dump(), "aligned": aligned_dir, "device": device.type}
-    out = _step_dir(cfg, "quantize", key)
+    device = compute_device(ctx)
+    key = {"quantize": quantize.model_dump(), "aligned": aligned_dir, "device": device.type}
+    out = _step_dir(ctx, "quantize", key)
     if (out / "config.json").is_file():
         return str(out)
     tmp = _fresh(out.with_name(out.name + ".tmp"))
-    quantize_checkpoint(aligned_dir, tmp, cfg.quantize, device=str(device))
+    quantize_checkpoint(aligned_dir, tmp, quantize, device=str(device))
     AutoTokenizer.from_pretrained(aligned_dir).save_pretrained(tmp)
     return str(_commit(tmp, out))
 

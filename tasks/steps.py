@@ -1,5 +1,9 @@
 """One thin Prefect task per pipeline step; each calls one `loram_core.steps` function.
 
+The model steps (prune, align, quantize) get their own section and the run's context (work dir,
+device), nothing else; the data steps get the config, since calibration and evaluation text default
+to the corpus's settings; evaluate and publish get it too, since they report on the whole run.
+
 Steps are idempotent by their own work-dir keys, so Prefect's input-hash cache is off (it would
 hash configs and paths only, and the models must never be passed between tasks).
 """
@@ -10,15 +14,15 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from loram_core import steps
-from loram_core.config import PipelineConfig
+from loram_core.config import AlignConfig, PipelineConfig, PruneConfig, QuantizeConfig, RunContext
 from loram_core.device import describe
 from loram_provider.tasks._gpu import gpu_slots
 from loram_provider.tasks._progress import StepProgress
 
 
-def _log_device(cfg: PipelineConfig, step: str) -> None:
+def _log_device(ctx: RunContext | PipelineConfig, step: str) -> None:
     """Say in the task's log where this step computes (the run summary records it too)."""
-    info = describe(steps.compute_device(cfg))
+    info = describe(steps.compute_device(ctx))
     get_run_logger().info("%s computes on %s (%s)", step, info["device"], info["name"])
 
 
@@ -36,28 +40,34 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def prune(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+    """The calibration blocks pruning measures with (`calibration` section; defaults follow `corpus`)."""
+    return steps.prepare_calibration(cfg, base_dir, blocks_file)
+
+
+@task(cache_policy=NO_CACHE)
+def prune(prune: PruneConfig, ctx: RunContext, base_dir: str, calib_file: str) -> str:
     """Prune the base model (layer-streamed through the run's device); returns the pruned checkpoint."""
-    _log_device(cfg, "prune")
-    progress = StepProgress("prune", f"Pruning ({cfg.prune.strategy})")
-    with gpu_slots(cfg):
-        return steps.prune(cfg, base_dir, blocks_file, progress)
+    _log_device(ctx, "prune")
+    progress = StepProgress("prune", f"Pruning ({prune.strategy})")
+    with gpu_slots(ctx):
+        return steps.prune(prune, ctx, base_dir, calib_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
-def align(cfg: PipelineConfig, pruned_dir: str, blocks_file: str) -> str:
+def align(align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str) -> str:
     """Continual pre-training of the pruned model on the corpus; resumes after a crash."""
-    _log_device(cfg, "align")
+    _log_device(ctx, "align")
     progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
-    with gpu_slots(cfg, cfg.align.nproc_per_node):
-        return steps.align(cfg, pruned_dir, blocks_file, progress)
+    with gpu_slots(ctx, align.nproc_per_node):
+        return steps.align(align, ctx, pruned_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
-def quantize(cfg: PipelineConfig, aligned_dir: str) -> str | None:
+def quantize(quantize: QuantizeConfig, ctx: RunContext, aligned_dir: str) -> str | None:
     """The NF4 (bitsandbytes) variant of the aligned model, or None when disabled."""
-    _log_device(cfg, "quantize")
-    return steps.quantize(cfg, aligned_dir)
+    _log_device(ctx, "quantize")
+    return steps.quantize(quantize, ctx, aligned_dir)
 
 
 @task(cache_policy=NO_CACHE)

@@ -238,8 +238,6 @@ def test_cancelling_a_deployed_torchrun_alignment_leaves_no_process(worker, tmp_
     _wait(lambda: _state(env, run_id) == "CANCELLED", 180, "the run to be cancelled", _logs(env))
     _wait(lambda: not any(launch._alive(pid) for pid in members), 60, "torchrun's processes to go")
     assert (
-        json.loads((next(work.glob("align-*.partial")) / "run-config.json").read_text())["align"][
-            "nproc_per_node"
-        ]
+        json.loads((next(work.glob("align-*.partial")) / "align-config.json").read_text())["nproc_per_node"]
         == 2
     )

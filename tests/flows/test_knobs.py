@@ -30,8 +30,8 @@ def test_alignment_off_scores_each_model_once_and_names_the_nf4_variant_pruned(t
     steps.preflight(cfg)  # publishing off: the bucket is not checked
     assert not cfg.runs("align") and cfg.runs("quantize")
     blocks = steps.prepare_corpus(cfg, str(base))
-    pruned = steps.prune(cfg, str(base), blocks)
-    nf4 = steps.quantize(cfg, pruned)
+    pruned = steps.prune(cfg.prune, cfg.context, str(base), steps.prepare_calibration(cfg, str(base), blocks))
+    nf4 = steps.quantize(cfg.quantize, cfg.context, pruned)
     evaluation = steps.evaluate(cfg, str(base), pruned, pruned, nf4, blocks)
     m = evaluation["metrics"]
     assert set(m) == {"original_ppl", "pruned_ppl", "pruned_nf4_ppl", "heldout_tokens"}

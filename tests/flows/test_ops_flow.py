@@ -126,6 +126,21 @@ def test_a_run_leaves_plan_evaluation_and_link_artifacts(
     assert arts["published-version"]["data"] == f"[{result['uri']}]({result['uri']})" and result[
         "uri"
     ].endswith("/demo-llama/v1")
+    # The model steps get their own section and the run's context, nothing else (the UI lists them).
+    inputs = _task_inputs(arts["evaluation"]["flow_run_id"])
+    assert inputs["prune"] == {"prune", "ctx", "base_dir", "calib_file"}
+    assert inputs["align"] == {"align", "ctx", "pruned_dir", "blocks_file"}
+    assert inputs["prepare_calibration"] == {"cfg", "base_dir", "blocks_file"}
+
+
+def _task_inputs(flow_run_id: str) -> dict[str, set[str]]:
+    """Each task of a flow run (by its task name) with the names of the inputs the server recorded."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
+    rows = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=body, timeout=30).raise_for_status()
+    return {row["name"].rsplit("-", 1)[0]: set(row["task_inputs"]) for row in rows.json()}
 
 
 def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(

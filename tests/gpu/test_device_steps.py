@@ -131,9 +131,9 @@ def test_every_step_computes_on_the_configured_device(
     ])  # fmt: skip
     steps.preflight(cfg)
     blocks = steps.prepare_corpus(cfg, str(base))
-    pruned = steps.prune(cfg, str(base), blocks)
-    aligned = steps.align(cfg, pruned, blocks)
-    nf4 = steps.quantize(cfg, aligned)
+    pruned = steps.prune(cfg.prune, cfg.context, str(base), steps.prepare_calibration(cfg, str(base), blocks))
+    aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
+    nf4 = steps.quantize(cfg.quantize, cfg.context, aligned)
     result = steps.evaluate(cfg, str(base), pruned, aligned, nf4, blocks)
     assert seen == {
         k: {device} for k in ("prune_checkpoint", "train_causal_lm", "quantize_checkpoint", "perplexity")

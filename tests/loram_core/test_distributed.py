@@ -51,8 +51,8 @@ def test_two_process_alignment_matches_one_process_with_the_same_global_batch(
         REPO / "configs" / "demo.yaml", common + [f"workdir={tmp_path / 'w1'}", "align.batch_size=4"]
     )
     events = []
-    out2 = steps.align(two, pruned_dir, blocks, events.append)
-    out1 = steps.align(one, pruned_dir, blocks)
+    out2 = steps.align(two.align, two.context, pruned_dir, blocks, events.append)
+    out1 = steps.align(one.align, one.context, pruned_dir, blocks)
     assert [e["step"] for e in events] == [2, 4, 6, 8]  # rank 0's progress reached the task
     log2, log1 = (json.loads((Path(o) / "train_log.json").read_text()) for o in (out2, out1))
     assert log2["tokens"] == log1["tokens"] == 8 * 4 * 32

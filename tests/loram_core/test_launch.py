@@ -82,7 +82,7 @@ ALIGN = textwrap.dedent(
     from loram_core import steps
     from loram_core.config import load_config
     cfg = load_config("configs/demo.yaml", sys.argv[3:])
-    steps.align(cfg, sys.argv[1], sys.argv[2])
+    steps.align(cfg.align, cfg.context, sys.argv[1], sys.argv[2])
     """
 )
 
@@ -124,7 +124,7 @@ def test_torchrun_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
          "align.deadline_minutes=0.5", f"workdir={tmp_path / 'w'}"],
     )  # fmt: skip
     with pytest.raises(launch.DeadlineExceeded, match=r"align.deadline_minutes") as err:
-        steps.align(cfg, pruned_dir, blocks)
+        steps.align(cfg.align, cfg.context, pruned_dir, blocks)
     assert "kept" in str(err.value)
     trainer = next((tmp_path / "w").glob("align-*.partial/checkpoint/trainer.json"))
     assert json.loads(trainer.read_text())["step"] >= 2
@@ -142,6 +142,6 @@ def test_in_process_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
          "align.precision=fp32", "align.deadline_minutes=0.05", f"workdir={tmp_path / 'w'}"],
     )  # fmt: skip
     with pytest.raises(LoramError, match=r"align.deadline_minutes=0.05 and was stopped at step"):
-        steps.align(cfg, pruned_dir, blocks)
+        steps.align(cfg.align, cfg.context, pruned_dir, blocks)
     trainer = next((tmp_path / "w").glob("align-*.partial/checkpoint/trainer.json"))
     assert json.loads(trainer.read_text())["step"] >= 2

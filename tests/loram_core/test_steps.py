@@ -33,8 +33,10 @@ def test_pruning_hurts_and_alignment_recovers_on_the_demo_base(demo_base: Path, 
         f"workdir={tmp_path}", f"align.steps={ALIGN_STEPS}", "quantize.enabled=false",
     ])  # fmt: skip
     blocks = steps.prepare_corpus(cfg, str(demo_base))
-    pruned = steps.prune(cfg, str(demo_base), blocks)
-    aligned = steps.align(cfg, pruned, blocks)
+    pruned = steps.prune(
+        cfg.prune, cfg.context, str(demo_base), steps.prepare_calibration(cfg, str(demo_base), blocks)
+    )
+    aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
     m = steps.evaluate(cfg, str(demo_base), pruned, aligned, None, blocks)["metrics"]
     assert m["pruned_ppl"] > 1.05 * m["original_ppl"], m
     assert m["aligned_ppl"] < m["pruned_ppl"] / 1.05, m

@@ -43,9 +43,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ])  # fmt: skip
         base = steps.prepare_base(cfg)
         blocks = steps.prepare_corpus(cfg, base)
-        pruned = steps.prune(cfg, base, blocks)
-        aligned = steps.align(cfg, pruned, blocks)
-        nf4 = steps.quantize(cfg, aligned)
+        pruned = steps.prune(cfg.prune, cfg.context, base, steps.prepare_calibration(cfg, base, blocks))
+        aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
+        nf4 = steps.quantize(cfg.quantize, cfg.context, aligned)
         evaluation = steps.evaluate(cfg, base, pruned, aligned, nf4, blocks)
         published = steps.publish(cfg, base, blocks, aligned, nf4, evaluation)
         dest = root / "pulled" / strategy

@@ -147,8 +147,8 @@ def test_a_lora_trained_on_the_pruned_base_recovered_and_loaded_with_stock_peft_
     ])  # fmt: skip
     base = str(demo_base)
     blocks = steps.prepare_corpus(cfg, base)
-    pruned = steps.prune(cfg, base, blocks)
-    aligned = steps.align(cfg, pruned, blocks)
+    pruned = steps.prune(cfg.prune, cfg.context, base, steps.prepare_calibration(cfg, base, blocks))
+    aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
     result = verify(cfg, base, pruned, aligned, blocks)
     rows = {r["key"]: r for r in result["rows"]}
     assert set(rows) == {"original", "loram", "unrecovered", "unaligned"}
