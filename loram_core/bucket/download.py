@@ -2,10 +2,12 @@
 
 Files are fetched in byte ranges, several at once under one budget of parts in flight, each
 range pinned to the object's ETag (`If-Match`), so a file is never stitched from two objects.
-Ranges are written in order and hashed as they arrive; a `.part` file is therefore always a
-verified-so-far prefix, and an interrupted pull resumes from it (its ETag is kept beside it).
-Everything lands in a staging folder beside DEST, which is renamed into place only after every
-file's sha256 matched the manifest. Verified files go into a content-addressed cache
+Each range's body is streamed straight into its place in the `.part` file (no range-sized buffers:
+the copies and page faults of 64 MiB buffers cost more CPU than the download itself), and the
+range is recorded as done beside it; an interrupted pull fetches only the ranges not recorded (the
+object's ETag is kept beside it too). Once every range is there, the file is hashed from disk, so
+what is checked against the manifest is what was written. Everything lands in a staging folder
+beside DEST, which is renamed into place only after every file's sha256 matched the manifest. Verified files go into a content-addressed cache
 (`~/.cache/loram-provider/blobs/<sha256>`, or `LORAM_CACHE_DIR`), so pulling the next version
 downloads only the files that changed.
 """
@@ -17,9 +19,8 @@ import os
 import shutil
 import threading
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loram_core.bucket.store import ByteCounter, Changed, Store, file_sha256, join, open_store
@@ -27,8 +28,8 @@ from loram_core.bucket.versions import resolve_version
 from loram_core.errors import IntegrityError, LoramError
 from loram_core.manifest import FileEntry, Manifest, safe_relative
 
-# Ranges of 64 MiB, at most 8 requested and not yet written: ~512 MiB of buffers. Larger ranges
-# cost fewer requests; stores that read a whole object to serve a range (moto) need few of them.
+# Ranges of 64 MiB, at most 8 in flight (connections). Larger ranges cost fewer requests; stores
+# that read a whole object to serve a range (moto) need few of them. Memory does not grow with them.
 RANGE_SIZE = 64 * 2**20
 PARTS_IN_FLIGHT = 8
 FILES_IN_FLIGHT = 8
@@ -133,7 +134,7 @@ def _into_place(staging: Path, dest: Path) -> None:
 
 class _Budget:
     """Parts in flight over all files: a slot is taken when a range is requested and given back
-    once its bytes are written and hashed, so memory stays at about `slots * RANGE_SIZE`."""
+    once its bytes are written, so the connections in use stay at `slots` however many files."""
 
     def __init__(self, slots: int) -> None:
         self.sem = threading.Semaphore(slots)
@@ -185,60 +186,69 @@ def _fetch_file(
         )
     part = final.with_name(final.name + ".part")
     tag = final.with_name(final.name + ".etag")
-    hasher = hashlib.sha256()
-    if (
-        part.is_file()
-        and tag.is_file()
-        and tag.read_text() == info.etag
-        and part.stat().st_size <= entry.size
-    ):
-        with open(part, "rb") as fh:  # resume: hash the prefix already fetched from this very object
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                hasher.update(chunk)
-        offset = part.stat().st_size
-        advance(offset)
-    else:
-        part.write_bytes(b"")
+    done_file = final.with_name(final.name + ".ranges")
+    done = _ranges_done(part, tag, done_file, info.etag, entry.size)
+    if not done:
+        with open(part, "wb") as fh:
+            fh.truncate(entry.size)
         tag.write_text(info.etag)
-        offset = 0
-    pending: deque[Future] = deque()
-    with open(part, "ab") as fh:
+        done_file.write_text("")
+    advance(sum(min(RANGE_SIZE, entry.size - start) for start in done))
+    todo = [start for start in range(0, entry.size, RANGE_SIZE) if start not in done]
+    record = threading.Lock()
+    fd = os.open(part, os.O_WRONLY)
+    try:
 
-        def consume() -> None:
+        def fetch(start: int) -> None:
             try:
-                data = pending.popleft().result()
+                end = min(start + RANGE_SIZE, entry.size)
+                n = store.write_range(key, start, end, info.etag, fd)
+                if n != end - start:
+                    raise IntegrityError(f"{entry.path}: a range came back with {n} of {end - start} bytes.")
+                with record, open(done_file, "a") as fh:
+                    fh.write(f"{start} {end}\n")
+                advance(n)
             finally:
                 budget.sem.release()
-            fh.write(data)
-            hasher.update(data)
-            advance(len(data))
 
-        try:
-            for start in range(offset, entry.size, RANGE_SIZE):
-                while not budget.sem.acquire(blocking=not pending):
-                    consume()  # free a slot of our own; our oldest range is in flight, so this ends
-                end = min(start + RANGE_SIZE, entry.size)
-                pending.append(parts.submit(store.read_range, key, start, end, info.etag))
-            while pending:
-                consume()
-        except Changed:
+        futures = []
+        for start in todo:
+            budget.sem.acquire()
+            futures.append(parts.submit(fetch, start))
+        errors = [err for f in futures if (err := f.exception()) is not None]  # every range ends first
+    finally:
+        os.close(fd)
+    if errors:
+        if isinstance(errors[0], Changed):
             raise IntegrityError(
                 f"{entry.path}: the object changed while it was downloaded ({store.uri}/{key})."
-            ) from None
-        finally:
-            for f in pending:  # give back the slots of ranges that will not be written
-                f.cancel() or f.exception()
-                budget.sem.release()
-    if hasher.hexdigest() != entry.sha256:
-        part.unlink()
-        tag.unlink()
+            )
+        raise errors[0]
+    if file_sha256(part) != entry.sha256:
+        for leftover in (part, tag, done_file):
+            leftover.unlink()
         raise IntegrityError(
             f"{entry.path}: sha256 of the downloaded bytes differs from the manifest ({store.uri}/{key})."
         )
     tag.unlink()
+    done_file.unlink()
     os.replace(part, final)
     if cache is not None:
         _to_cache(cache, entry, final)
+
+
+def _ranges_done(part: Path, tag: Path, done_file: Path, etag: str, size: int) -> set[int]:
+    """The ranges an earlier, interrupted pull of this very object (same ETag) wrote, by start offset.
+
+    Only whole lines naming one of this pull's ranges count (a line cut by a crash, or ranges of
+    another size, are fetched again); the file's sha256 is checked at the end in any case.
+    """
+    if not (part.is_file() and tag.is_file() and done_file.is_file()):
+        return set()
+    if tag.read_text() != etag or part.stat().st_size != size:
+        return set()
+    ranges = {f"{start} {min(start + RANGE_SIZE, size)}": start for start in range(0, size, RANGE_SIZE)}
+    return {ranges[line] for line in done_file.read_text().splitlines() if line in ranges}
 
 
 def _from_cache(cache: Path, entry: FileEntry, final: Path) -> bool:

@@ -145,6 +145,13 @@ class Store:
         """Bytes [start, end) of the object, only if its ETag is still `etag` (else `Changed`)."""
         raise NotImplementedError
 
+    def write_range(self, key: str, start: int, end: int, etag: str, fd: int) -> int:
+        """Write bytes [start, end) of the object into the open file `fd` at offset `start`, only if
+        its ETag is still `etag` (else `Changed`); returns the number of bytes written."""
+        data = self.read_range(key, start, end, etag)
+        os.pwrite(fd, data, start)
+        return len(data)
+
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
         """Write a small object: create-only (`Exists` if taken), or replacing the object whose ETag is
         `if_match` (`Changed` if it moved), or unconditionally."""

@@ -119,25 +119,26 @@ def test_an_interrupted_pull_resumes_where_it_stopped(
     staging, m = staged(tmp_path)
     publish(staging, m, s3)
     big = "m/v1/model/model.safetensors"
-    original = s3_module.S3Store.read_range
+    original = s3_module.S3Store.write_range
     asked: list[int] = []
 
-    def cut_at_third_range(self, key, start, end, etag):
+    def cut_at_third_range(self, key, start, end, etag, fd):
         if key == big:
             asked.append(start)
-            if len(asked) == 3:
+            if start == 10 * MiB:
                 raise ConnectionAbortedError("the connection dropped")
-        return original(self, key, start, end, etag)
+        return original(self, key, start, end, etag, fd)
 
-    monkeypatch.setattr(s3_module.S3Store, "read_range", cut_at_third_range)
+    monkeypatch.setattr(s3_module.S3Store, "write_range", cut_at_third_range)
     with pytest.raises(ConnectionAbortedError):
         pull(f"{s3}/m", tmp_path / "dest", cache=False)
     assert not (tmp_path / "dest").exists()
+    assert sorted(asked) == [0, 5 * MiB, 10 * MiB]
     asked.clear()
-    monkeypatch.setattr(s3_module.S3Store, "read_range", lambda self, key, start, *a: (
+    monkeypatch.setattr(s3_module.S3Store, "write_range", lambda self, key, start, *a: (
         asked.append(start) if key == big else None) or original(self, key, start, *a))  # fmt: skip
     pull(f"{s3}/m", tmp_path / "dest", cache=False)
-    assert asked == [10 * MiB]  # the two verified ranges were kept; only the third was fetched again
+    assert asked == [10 * MiB]  # the two ranges written before the cut were kept; only the third is fetched
     assert (tmp_path / "dest" / "model" / "model.safetensors").read_bytes() == (
         staging / "model" / "model.safetensors"
     ).read_bytes()

@@ -109,9 +109,9 @@ def test_the_cache_means_a_new_version_downloads_only_changed_files(
     publish(staging, m2, s3)
     pull(f"{s3}/m/v1", tmp_path / "d", cache=tmp_path / "cache")
     fetched = []
-    original = s3_module.S3Store.read_range
+    original = s3_module.S3Store.write_range
     monkeypatch.setattr(
-        s3_module.S3Store, "read_range", lambda self, key, *a: fetched.append(key) or original(self, key, *a)
+        s3_module.S3Store, "write_range", lambda self, key, *a: fetched.append(key) or original(self, key, *a)
     )
     pull(f"{s3}/m", tmp_path / "d", cache=tmp_path / "cache")  # replaces the earlier pull in place
     assert fetched == ["m/v2/README.md"]
