@@ -49,10 +49,10 @@ def run(
     ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
-    from loram_core.bucket.credentials import aws_environment
     from loram_core.config import load_config
     from loram_core.steps import pin_version, preflight
     from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
+    from loram_provider.flows.credentials import block_credentials
 
     flags = ([f"until={until}"] if until is not None else []) + (
         ["publish.enabled=false"] if no_publish else []
@@ -60,7 +60,7 @@ def run(
     try:
         check_api_reachable()
         cfg = load_config(config, [*(overrides or []), *flags])
-        with aws_environment(cfg.credentials_block):
+        with block_credentials(cfg.credentials_block):
             cfg = pin_version(cfg)  # the version is checked for a clash now
             preflight(cfg)
     except LoramError as err:
@@ -344,15 +344,15 @@ def verify(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: verify.rank=4")] = None,  # noqa: UP045
 ) -> None:
     """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
-    from loram_core.bucket.credentials import aws_environment
     from loram_core.config import load_config
     from loram_core.steps import preflight
     from loram_core.verify import require_alignment
+    from loram_provider.flows.credentials import block_credentials
 
     try:
         cfg = load_config(config, [*(overrides or []), "verify.enabled=true"])
         require_alignment(cfg)
-        with aws_environment(cfg.credentials_block):
+        with block_credentials(cfg.credentials_block):
             preflight(cfg)
     except LoramError as err:
         _fail(err)

@@ -11,11 +11,11 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from loram_core.bucket.credentials import aws_environment
 from loram_core.config import PipelineConfig, parse_config
 from loram_core.report import recovery_sentence
 from loram_core.steps import pin_version
 from loram_provider.flows import ops
+from loram_provider.flows.credentials import block_credentials
 from loram_provider.tasks import steps as t
 from loram_provider.tasks.verify import verify as verify_task
 
@@ -35,7 +35,7 @@ def provider(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:  # no
             validated into a `PipelineConfig`. Checked in the preflight before any compute.
     """
     cfg = config if isinstance(config, PipelineConfig) else parse_config(config)
-    with aws_environment(cfg.credentials_block):  # s3:// from a Prefect block, else the AWS environment
+    with block_credentials(cfg.credentials_block):  # s3:// from a Prefect block, else the AWS environment
         return _pipeline(cfg)
 
 

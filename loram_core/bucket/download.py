@@ -7,9 +7,9 @@ the copies and page faults of 64 MiB buffers cost more CPU than the download its
 range is recorded as done beside it; an interrupted pull fetches only the ranges not recorded (the
 object's ETag is kept beside it too). Once every range is there, the file is hashed from disk, so
 what is checked against the manifest is what was written. Everything lands in a staging folder
-beside DEST, which is renamed into place only after every file's sha256 matched the manifest. Verified files go into a content-addressed cache
-(`~/.cache/loram-provider/blobs/<sha256>`, or `LORAM_CACHE_DIR`), so pulling the next version
-downloads only the files that changed.
+beside DEST, which is renamed into place only after every file's sha256 matched the manifest.
+Verified files go into a content-addressed cache (`~/.cache/loram-provider/blobs/<sha256>`, or
+`LORAM_CACHE_DIR`), so pulling the next version downloads only the files that changed.
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from loram_core import checks
-from loram_core.bucket.credentials import BLOCK_TYPE, aws_environment
 from loram_core.config import load_config
 from loram_core.errors import ConfigError, LoramError
 from loram_core.storage import verify_version
+from loram_provider.flows.credentials import BLOCK_TYPE, block_credentials
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 KEY_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -86,7 +86,7 @@ def test_a_run_without_aws_variables_publishes_with_the_blocks_key(
                       "credentials_block=team-bucket"])  # fmt: skip
     with pytest.raises(LoramError, match="no credentials for s3://loram-test"):
         checks.check_publish_target(cfg)  # the process alone cannot reach the bucket
-    with aws_environment("team-bucket"):
+    with block_credentials("team-bucket"):
         assert os.environ["AWS_ENDPOINT_URL"] == moto_server and os.environ["AWS_REGION"] == "us-east-1"
         checks.check_publish_target(cfg)
     assert not any(var in os.environ for var in KEY_VARS)  # restored
@@ -94,7 +94,7 @@ def test_a_run_without_aws_variables_publishes_with_the_blocks_key(
     result = provider(cfg)
     assert result["publish"]["status"] == "published"
     assert not any(var in os.environ for var in KEY_VARS)
-    with aws_environment("team-bucket"):
+    with block_credentials("team-bucket"):
         manifest = verify_version(f"{s3}/models/demo-llama")
     assert manifest.version == "v1"
     text = manifest.model_dump_json()
@@ -115,7 +115,7 @@ def test_a_missing_or_empty_block_is_refused_naming_it(
     if data is not None:
         _save_block(name, data)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-the-environment")
-    with pytest.raises(ConfigError) as err, aws_environment(name):
+    with pytest.raises(ConfigError) as err, block_credentials(name):
         pass
     message = str(err.value)
     assert f"credentials_block={name!r}" in message and expected in message and SECRET_KEY not in message
