@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loram_core.device import DEVICE_PATTERN
-from loram_core.errors import ConfigError
+from loram_core.errors import ConfigError, LoramError
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
 Until = Literal["prune", "align", "quantize"]
@@ -65,11 +65,26 @@ class BaseConfig(_Section):
 
     source: str = Field(
         "demo",
-        description="`demo` (build the embedded small model) or a directory holding a transformers "
-        "checkpoint (config.json, safetensors weights, tokenizer).",
+        description="`demo` (build the embedded small model); a directory holding a transformers checkpoint "
+        "(config.json, safetensors weights, tokenizer); `s3://BUCKET/PREFIX` of one; or a Hugging Face hub id "
+        "`ORG/NAME` or `ORG/NAME@REVISION` (branch, tag or commit; fetched with HF_TOKEN into the hub cache, "
+        "offline from it with HF_HUB_OFFLINE=1). The rule: `hf://ORG/NAME[@REV]` is always the hub; a path "
+        "that exists here is that directory; otherwise ORG/NAME[@REV] is a hub id.",
     )
     demo: DemoBaseConfig = DemoBaseConfig()
     cache_dir: str = Field("~/.cache/loram-provider", description="Where the demo model is cached.")
+
+    @field_validator("source")
+    @classmethod
+    def _hub_form(cls, value: str) -> str:
+        from loram_core.hub import parse_hub_id
+
+        if value.startswith("hf://"):
+            try:
+                parse_hub_id(value)
+            except LoramError as err:
+                raise ValueError(str(err)) from None
+        return value
 
 
 class CorpusConfig(_Section):
@@ -303,6 +318,23 @@ class PublishConfig(_Section):
         description="false: the version (same layout, manifest included) is written under "
         "`<workdir>/local-bucket` instead of `uri`.",
     )
+    max_shard_size: int | str = Field(
+        "5GB",
+        description="Largest safetensors shard of `model/` and `model-nf4/` (save_pretrained's max_shard_size): "
+        "bytes, or a number with KB/MB/GB/TB (decimal) or KiB/MiB/GiB/TiB; more than one shard gets "
+        "model.safetensors.index.json.",
+    )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, value: int | str) -> int | str:
+        from loram_core.hf_layout import parse_size
+
+        try:
+            parse_size(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return value
 
 
 LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
