@@ -87,13 +87,98 @@ class BaseConfig(_Section):
         return value
 
 
+class DatasetSource(_Section):
+    """A dataset read through `datasets.load_dataset`: on the Hugging Face hub (offline from the
+    datasets cache with HF_HUB_OFFLINE=1) or a local dataset folder."""
+
+    name: str = Field(
+        description="Hub dataset id `ORG/NAME` (e.g. HuggingFaceFW/fineweb), or a local dataset folder."
+    )
+    config: str | None = Field(None, description="The dataset's configuration (subset), e.g. `sample-10BT`.")
+    split: str = Field("train", description="Split to read (`train`, or a slice such as `train[:10%]`).")
+    text_field: str = Field("text", description="The column holding the text.")
+    streaming: bool = Field(
+        False,
+        description="Read record by record without downloading the whole split first (what a few million "
+        "tokens of a multi-terabyte dataset need; the mix's token budget bounds what is read).",
+    )
+    revision: str | None = Field(None, description="Branch, tag or commit of the dataset repo; unset: main.")
+
+
+class MixSource(_Section):
+    """One source of `corpus.mix`: files (`paths`) or a dataset (`dataset`), and its share of the tokens."""
+
+    paths: list[str] | None = Field(
+        None,
+        description="Files/globs of text, jsonl or parquet (local or s3://), or `hf://datasets/ORG/NAME`.",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = Field(
+        "text", description="The field holding the text (jsonl/parquet records of `paths`)."
+    )
+    dataset: DatasetSource | None = None
+    weight: float = Field(gt=0, description="Share of the mix's tokens (weights are normalized to sum to 1).")
+    label: str | None = Field(
+        None, description="Name in the manifest's record of tokens drawn; unset: derived."
+    )
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MixSource:
+        if (self.paths is None) == (self.dataset is None):
+            raise ValueError(
+                "a corpus.mix source has either `paths` (files) or `dataset` (a datasets source), not both"
+            )
+        return self
+
+    def describe(self) -> str:
+        """The source's label: `label`, the dataset (`name[/config]:split`), or its first path."""
+        if self.label:
+            return self.label
+        if self.dataset is not None:
+            d = self.dataset
+            return f"{d.name}{'/' + d.config if d.config else ''}:{d.split}"
+        return self.paths[0] + (f" (+{len(self.paths) - 1})" if len(self.paths) > 1 else "")
+
+
+class CorpusMix(_Section):
+    """Several sources interleaved into one corpus, each drawn to its share of a token budget.
+
+    Documents are drawn one at a time from a source chosen at random (seeded) among those still below
+    their share, the chance proportional to its weight, until every source has its share (the document
+    that crosses it is kept whole) or, with `first_exhausted`, one runs out. Tokens are counted with the
+    base model's tokenizer; how many each source gave is recorded in the manifest.
+    """
+
+    sources: list[MixSource] = Field(min_length=1, description="The sources and their weights.")
+    tokens: int = Field(
+        ge=1, description="Total token budget of the mix (before the held-out split and max_tokens)."
+    )
+    seed: int = Field(
+        0, description="Seed of the interleaving: the same seed draws the same documents in the same order."
+    )
+    stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "all_exhausted",
+        description="A source that runs out before its share: `all_exhausted` starts it over (its documents repeat, "
+        "as datasets.interleave_datasets' oversampling and the LoRAM reference do), `first_exhausted` ends the mix.",
+    )
+
+
 class CorpusConfig(_Section):
     """The general text corpus used for calibration, alignment and held-out perplexity."""
 
     paths: list[str] | Literal["demo"] = Field(
         "demo",
-        description="`demo` (text the project builds from the Python standard library's documentation) "
-        "or files/globs of text, jsonl or parquet.",
+        description="`demo` (text the project builds from the Python standard library's documentation), "
+        "files/globs of text, jsonl or parquet, or `hf://datasets/ORG/NAME[@REV]` (its train split via `datasets`).",
+    )
+    mix: CorpusMix | None = Field(
+        None,
+        description="Several sources with weights and a token budget, interleaved by seed; replaces `paths`.",
     )
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     text_field: str = "text"
@@ -105,6 +190,16 @@ class CorpusConfig(_Section):
         return _paths_or(value, "demo", "corpus.paths")
 
     max_tokens: int | None = Field(None, ge=1, description="Token budget for the training split.")
+
+    @model_validator(mode="after")
+    def _mix_or_paths(self) -> CorpusConfig:
+        if self.mix is not None and self.paths != "demo":
+            raise ValueError(
+                f"corpus.paths={self.paths} and corpus.mix both name the corpus; list the files as a mix source "
+                "(`paths:` of one of corpus.mix.sources) or drop corpus.mix"
+            )
+        return self
+
     heldout_fraction: float = Field(
         0.05,
         gt=0,

@@ -94,7 +94,15 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     from loram_core.data import files_fingerprint, make_blocks, read_documents, resolve_files, save_blocks
     from loram_core.sources import heldout_rule
 
-    files = resolve_files(cfg.corpus, cfg.base.cache_dir)
+    c = cfg.corpus
+    fmt, field, mix = c.format, c.text_field, None
+    if c.mix is not None:  # the drawn documents, one parquet file (loram_core.corpus_mix)
+        from loram_core.corpus_mix import mixed_corpus
+
+        mix_file, mix = mixed_corpus(c.mix, base_dir, cfg.base.cache_dir)
+        files, fmt, field = [str(mix_file)], "parquet", "text"
+    else:
+        files = resolve_files(c, cfg.base.cache_dir)
     corpus_fp = files_fingerprint(files)
     fraction, unit = heldout_rule(cfg)
     key = {"corpus": cfg.corpus.model_dump(), "files": corpus_fp, "base": base_dir}
@@ -105,8 +113,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     if blocks_file.is_file():
         return str(blocks_file)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    docs = read_documents(files, cfg.corpus.format, cfg.corpus.text_field)
-    c = cfg.corpus
+    docs = read_documents(files, fmt, field)
     blocks = make_blocks(docs, tokenizer, c.seq_len, fraction, c.seed, c.max_tokens, c.eval_blocks, unit)
     tmp = tmp_for(out)
     save_blocks(tmp / "blocks.safetensors", blocks, {"fingerprint": corpus_fp})
@@ -117,6 +124,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
         "seq_len": c.seq_len,
         "train_tokens": blocks.train_tokens,
         "heldout_tokens": blocks.heldout.numel(),
+        **({"mix": mix} if mix is not None else {}),  # the tokens drawn from each source
     }
     (tmp / "corpus.json").write_text(json.dumps(info, indent=2))
     return str(commit(tmp, out) / "blocks.safetensors")

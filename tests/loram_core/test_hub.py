@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from loram_core import steps
 from loram_core.checks import preflight
@@ -25,52 +24,10 @@ from loram_core.config import load_config
 from loram_core.errors import LoramError
 from loram_core.hub import HubId, parse_hub_id
 from loram_core.models import load_model
-from tests.hub_cache import add_to_hub_cache
+from tests.hub_cache import add_to_hub_cache, paragraphs, write_original
 
 REPO = Path(__file__).resolve().parents[2]
 REPO_ID = "acme/tiny-llama-3"
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}  # fmt: skip
-WORDS = (
-    "model layer prune align token weight matrix head channel gradient loss data text block shard cache hub"
-)
-
-
-def _paragraphs(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS.split()) for _ in range(rng.randint(20, 60))) + "." for _ in range(n)]
-
-
-def write_original(path: Path) -> Path:
-    """A tiny Llama-3.x-like checkpoint as a hub repo holds it: tied head, llama3 rope scaling,
-    a chat template, a generation config, a card with a license; config.json as written upstream."""
-    from loram_core.demo import train_tokenizer
-
-    path.mkdir(parents=True)
-    tokenizer = train_tokenizer(_paragraphs(200, 1), 384)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=131072,
-        rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    # Upstream Llama-3.x configs name it rope_scaling (+ rope_theta); transformers 5 reads that form.
-    raw = json.loads((path / "config.json").read_text())
-    rope = raw.pop("rope_parameters")
-    raw["rope_theta"] = rope.pop("rope_theta")
-    raw["rope_scaling"] = rope
-    (path / "config.json").write_text(json.dumps(raw, indent=2))
-    generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                  "do_sample": True, "temperature": 0.6, "top_p": 0.9}  # fmt: skip
-    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    (path / "README.md").write_text("---\nlicense: llama3.1\nlanguage: [en]\n---\n\n# tiny\n")
-    (path / "pytorch_model.bin").write_bytes(b"pickled weights are never fetched")  # excluded
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +39,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> dict:
     commit = add_to_hub_cache(cache, REPO_ID, original)
     (cache / "models--acme--tiny-llama-3" / "refs" / "v1").write_text(commit)
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(_paragraphs(400, 2)) + "\n")
+    corpus.write_text("\n\n".join(paragraphs(400, 2)) + "\n")
     return {"root": root, "cache": cache, "commit": commit, "original": original, "corpus": corpus}
 
 
