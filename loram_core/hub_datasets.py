@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,28 @@ def _cache_dir() -> str | None:
     return os.environ.get("HF_DATASETS_CACHE") or None  # read per call: datasets reads it once at import
 
 
+@contextmanager
+def _offline_as_the_environment_says() -> Iterator[None]:
+    """datasets and huggingface_hub read HF_HUB_OFFLINE once, when first imported; a process whose
+    environment says offline later (a worker, a test) would still ask the hub, and wait out its
+    retries before falling back to the cache. Within the block, offline is what the environment says
+    now (it is only ever switched on)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from loram_core.hub import _offline
+
+    if not _offline():
+        yield
+        return
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = before
+
+
 def load(spec: DatasetSource, key: str, streaming: bool | None = None):
     """`datasets.load_dataset` of `spec` (a `Dataset`, or an `IterableDataset` when streaming).
 
@@ -57,8 +80,9 @@ def load(spec: DatasetSource, key: str, streaming: bool | None = None):
     where = f"{key}: dataset {spec.name!r}" + (f" (config {spec.config!r})" if spec.config else "")
     stream = spec.streaming if streaming is None else streaming
     try:
-        return load_dataset(spec.name, spec.config, split=spec.split, revision=spec.revision,
-                            streaming=stream, cache_dir=_cache_dir())  # fmt: skip
+        with _offline_as_the_environment_says():
+            return load_dataset(spec.name, spec.config, split=spec.split, revision=spec.revision,
+                                streaming=stream, cache_dir=_cache_dir())  # fmt: skip
     except DatasetNotFoundError as err:
         raise LoramError(
             f"{where}: {str(err).splitlines()[0]} Check ORG/NAME against the dataset's page, set HF_TOKEN for "

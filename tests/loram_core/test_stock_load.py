@@ -261,3 +261,56 @@ def test_plan_says_whether_a_setting_loads_stock_or_needs_the_shipped_code() -> 
     assert how(strategy="semi") == "stock" and how(strategy="unstructured") == "stock"
     assert "trust_remote_code=True" in _loading_line("remote code", "structured")
     assert "no remote code (uniform widths" in _loading_line("stock", "structured")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_uniform_widths_are_a_plain_family_config_in_each_family(tmp_path: Path, family: str) -> None:
+    """Every layer pruned: the published config is the family's own (no auto_map), stock-loaded with no
+    remote code, logits equal to the pruned model's; recovery's original shapes come from `loram.original`."""
+    from transformers import MistralConfig
+
+    from loram_core.config import parse_config
+    from loram_core.models import build_model, load_config
+    from loram_core.prune.plan import structured_config
+    from loram_core.recover.base import PrunedBase, original_config
+    from loram_core.stock import make_loadable
+    from tests.conftest import tiny_config
+
+    config = tiny_config("qwen2" if family == "qwen2" else "llama", num_hidden_layers=3)
+    if family == "mistral":
+        config = MistralConfig(
+            **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        )
+    prune = parse_config(
+        {"prune": {"strategy": "random", "ratio": 0.5, "keep_first": 0, "keep_last": 0}}
+    ).prune
+    torch.manual_seed(0)
+    model = build_model(structured_config(config, prune)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # stock init zeroes biases; make Qwen2's matter
+    model.save_pretrained(tmp_path)
+    assert not make_loadable(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (
+        saved["model_type"] == family and "auto_map" not in saved and not (tmp_path / MODELING_FILE).exists()
+    )
+    assert (saved["intermediate_size"], saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"]) == (
+        64, 2, 1, 16)  # fmt: skip
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no trust_remote_code
+    assert type(stock).__module__.startswith("transformers.models.")
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=0)
+    pruned = load_config(tmp_path)
+    original = original_config(PrunedBase(pruned, None, None, str(tmp_path)), None)
+    assert (original.intermediate_size, original.num_attention_heads, original.num_key_value_heads) == (
+        128,
+        4,
+        2,
+    )
+    assert (
+        not hasattr(original, "loram")
+        and build_model(original, "meta").model.layers[0].mlp.gate_proj.out_features == 128
+    )
