@@ -278,3 +278,15 @@ def test_no_network_is_one_preflight_error(online, hub: dict, tmp_path: Path) ->
     online.ENDPOINT = f"http://127.0.0.1:{port}"
     with pytest.raises(LoramError, match=r"the hub cannot be reached .*holds no snapshot.*HF_HUB_OFFLINE=1"):
         preflight(_cfg(hub, tmp_path, "base.source=acme/anything"))
+
+
+def test_loram_plan_reads_a_hub_base_from_its_config_alone(offline: dict, tmp_path: Path) -> None:
+    """`loram plan CONFIG` with a hub id: config.json from the cache (no weights), the stock-or-code line."""
+    from loram_core.demo import base_model_config
+    from loram_core.prune.plan import loading, plan
+
+    cfg = _cfg(offline, tmp_path, "prune.strategy=structured", "prune.keep_first=0", "prune.keep_last=0")
+    config = base_model_config(cfg.base)
+    assert (config.num_hidden_layers, config.intermediate_size, config.tie_word_embeddings) == (3, 128, True)
+    assert plan(config, cfg.prune).pruned_layers == [0, 1, 2] and loading(config, cfg.prune) == "stock"
+    assert loading(config, cfg.prune.model_copy(update={"keep_first": 1})) == "remote code"
