@@ -216,7 +216,10 @@ class _Hub(BaseHTTPRequestHandler):
     answers = {"missing": (404, "RepoNotFound"), "gated": (401, "GatedRepo"),
                "norev": (404, "RevisionNotFound")}  # fmt: skip
 
+    seen_auth: list[str] = []  # the Authorization headers received
+
     def _answer(self) -> None:
+        self.seen_auth.append(self.headers.get("Authorization", ""))
         kind = next((k for k in self.answers if f"/{k}" in self.path), "missing")
         status, code = self.answers[kind]
         body = json.dumps({"error": code}).encode()
@@ -290,3 +293,16 @@ def test_loram_plan_reads_a_hub_base_from_its_config_alone(offline: dict, tmp_pa
     assert (config.num_hidden_layers, config.intermediate_size, config.tie_word_embeddings) == (3, 128, True)
     assert plan(config, cfg.prune).pruned_layers == [0, 1, 2] and loading(config, cfg.prune) == "stock"
     assert loading(config, cfg.prune.model_copy(update={"keep_first": 1})) == "remote code"
+
+
+def test_hf_token_comes_from_the_environment(
+    online, hub: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_loram_test_token")
+    _Hub.seen_auth.clear()
+    with pytest.raises(
+        LoramError, match="acme/gated is a gated repository and the HF_TOKEN set has no access"
+    ) as err:
+        preflight(_cfg(hub, tmp_path, "base.source=acme/gated"))
+    assert "Bearer hf_loram_test_token" in _Hub.seen_auth
+    assert "hf_loram_test_token" not in str(err.value)  # the token is never printed
