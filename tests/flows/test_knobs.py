@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loram_core import steps
+from loram_core.bucket import verify_version
 from loram_core.config import load_config
-from loram_core.storage import verify_version
 from loram_provider.flows.provider import summary_markdown
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.loram_core.test_checks import write_corpus
