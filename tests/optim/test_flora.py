@@ -240,3 +240,39 @@ def test_a_mask_of_the_wrong_shape_is_refused():
     w = nn.Parameter(torch.zeros(8, 4))
     with pytest.raises(ValueError, match=r"mask of shape \(4, 8\) for a parameter of shape \(8, 4\)"):
         Flora([w], masks={w: torch.ones(4, 8, dtype=torch.bool)})
+
+
+def _flora_opt_step(w: torch.Tensor, grads: list[torch.Tensor], lr: float) -> torch.Tensor:
+    """flora-opt's (BorealisAI) torch step for a matrix, beta1 off, lr not scaled by the weight's RMS
+    (`scale_parameter=False`), transcribed from its definition: Adafactor's factored second moment
+    (`g^2 + 1e-30` averaged over rows and columns, beta2_t = 1 - t^-0.8, no bias correction),
+    `g * rsqrt(row / mean(row)) * rsqrt(col)`, the update's RMS capped at 1."""
+    row = torch.zeros(w.shape[0])
+    col = torch.zeros(w.shape[1])
+    w = w.clone()
+    for t, g in enumerate(grads, start=1):
+        beta2t = 1.0 - t**-0.8
+        sq = g.square() + 1e-30
+        row = beta2t * row + (1 - beta2t) * sq.mean(dim=1)
+        col = beta2t * col + (1 - beta2t) * sq.mean(dim=0)
+        u = g * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        u = u / max(1.0, (u.norm() / u.numel() ** 0.5).item())
+        w = w - lr * u
+    return w
+
+
+def test_first_step_is_flora_opts_adafactor_step():
+    """Where the two agree (no momentum, the first step, where flora-opt's beta2_1 = 0 and our bias
+    correction cancel), the factored second moment and the RMS cap give flora-opt's update. Later steps
+    differ on purpose (README: constant beta2 with bias correction; Adam-form momentum)."""
+    g = torch.Generator().manual_seed(4)
+    w0, grads = torch.randn(24, 40, generator=g), [torch.randn(24, 40, generator=g) * 3 for _ in range(3)]
+    w = nn.Parameter(w0.clone())
+    opt = Flora([w], lr=1e-2, betas=(0.0, 0.999), eps=0.0, rank=4)
+    w.grad = grads[0]
+    opt.step()
+    torch.testing.assert_close(w.detach(), _flora_opt_step(w0, grads[:1], 1e-2), rtol=1e-6, atol=1e-7)
+    for grad in grads[1:]:
+        w.grad = grad
+        opt.step()
+    assert not torch.allclose(w.detach(), _flora_opt_step(w0, grads, 1e-2), rtol=1e-4, atol=1e-5)
