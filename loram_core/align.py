@@ -254,7 +254,7 @@ def train_causal_lm(
             first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
             step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum)
-        grad_norm = _optimizer_step(run, cfg, pruned)
+        grad_norm = _optimizer_step(run, cfg)
         result.tokens += per_step * seq_len
         if run.dist_info is not None:
             from loram_core.distributed import mean_over_ranks
@@ -404,14 +404,14 @@ def _forward_backward(
     return total
 
 
-def _optimizer_step(run: _Run, cfg: AlignConfig, pruned: dict[str, torch.Tensor]) -> torch.Tensor:
+def _optimizer_step(run: _Run, cfg: AlignConfig) -> torch.Tensor:
     """Mask sparse gradients, clip, step, zero the gradients, advance the schedule, re-mask the weights.
 
     Returns the total gradient norm before clipping (a 0-dim tensor: read it only when logging, a
     GPU would otherwise wait for it at every step).
     """
-    if pruned:
-        mask_gradients(run.inner, pruned)
+    if run.pruned:
+        mask_gradients(run.inner, run.pruned)
     if cfg.max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     else:
@@ -419,10 +419,10 @@ def _optimizer_step(run: _Run, cfg: AlignConfig, pruned: dict[str, torch.Tensor]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    if pruned:
+    if run.pruned:
         params = dict(run.inner.named_parameters())
         with torch.no_grad():
-            for name, where in pruned.items():
+            for name, where in run.pruned.items():
                 params[name].masked_fill_(where, 0)
     return norm
 
