@@ -185,7 +185,14 @@ class S3Store(Store):
                 return await body.read(), r["ETag"]
             if r.get("ContentLength", 0) > limit:  # refused before a byte of the body is read
                 raise TooLarge(kwargs["Key"], r["ContentLength"])
-            data = await body.read(limit + 1)
+            chunks, got = [], 0
+            while got <= limit:  # a read returns what has arrived, not always all it was asked for
+                chunk = await body.read(limit + 1 - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        data = b"".join(chunks)
         if len(data) > limit:
             raise TooLarge(kwargs["Key"], None)
         return data, r["ETag"]

@@ -203,7 +203,7 @@ def restore_dest(dest: Path) -> None:
             continue
         if p.name.startswith(ours) or (legacy.fullmatch(p.name) and (p / "manifest.json").is_file()):
             olds.append(p)
-    olds.sort(key=lambda p: p.stat().st_ctime)
+    olds.sort(key=lambda p: (p.name.startswith(ours), p.stat().st_ctime))  # ours, newest, last
     if olds and not dest.exists() and not dest.is_symlink():
         olds.pop().rename(dest)
     for p in olds:

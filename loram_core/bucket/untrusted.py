@@ -80,12 +80,12 @@ def parse_manifest(data: bytes, where: str, expect: tuple[str, str] | None = Non
 
 
 def parse_latest(data: bytes, where: str) -> str:
-    """The version a LATEST object names: one valid name, ASCII, optionally ended by a newline.
+    """The version a LATEST object names: one valid name, ASCII, with nothing else but white space around it.
 
     Raises:
         IntegrityError: anything else, quoting at most a short prefix.
     """
-    text = data[:-1] if data.endswith(b"\n") else data
+    text = data.strip(b" \t\r\n")
     if len(text) <= NAME_MAX and text.isascii():
         version = text.decode("ascii")
         if re.fullmatch(NAME_PATTERN, version):
