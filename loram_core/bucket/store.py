@@ -262,9 +262,9 @@ class Store:
 class LocalStore(Store):
     """A folder as a bucket: create-only by hard link, compare-and-swap under a lock file.
 
-    Files being written wait under `<root>/.loram-tmp/<key>.<random>.tmp` (never beside a
-    version's files), so a killed writer leaves nothing inside a version and `abort_uploads` finds
-    its leftovers by key.
+    Files being written wait under `<root>/.loram-tmp/<name>/<version>/<digest>.<random>.tmp` (never
+    beside a version's files), so a killed writer leaves nothing inside a version and `abort_uploads`
+    finds its leftovers by the version or name they belong to.
     """
 
     def __init__(self, root: str) -> None:
@@ -320,9 +320,10 @@ class LocalStore(Store):
             tmp.unlink(missing_ok=True)
 
     def _tmp(self, key: str) -> Path:
-        tmp = self.root / LOCAL_TMP / f"{key}.{uuid.uuid4().hex}.tmp"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        return tmp
+        # Under the key's first two folders (a version's files share one), by a digest of the key.
+        folder = self.root / LOCAL_TMP / "/".join(key.split("/")[:-1][:2])
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.{uuid.uuid4().hex}.tmp"
 
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
         tmp = self._tmp(key)

@@ -73,7 +73,7 @@ def parse_manifest(data: bytes, where: str, expect: tuple[str, str] | None = Non
         ) from None
     if expect is not None and (manifest.name, manifest.version) != expect:
         raise IntegrityError(
-            f"{where} is the manifest of {manifest.name}/{manifest.version}, but the URI asks for "
+            f"{where} is the manifest of {short(manifest.name)}/{short(manifest.version)}, but the URI asks for "
             f"{expect[0]}/{expect[1]}; refusing it (a bucket may not hand one version out as another)."
         )
     return manifest

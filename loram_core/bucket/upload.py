@@ -15,6 +15,7 @@ create-only probe keys an hour old.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -151,9 +152,13 @@ def _checked(manifest: Manifest) -> Manifest:
 
 def _sweep_uploads(store: Store, manifest: Manifest) -> None:
     """Abort what killed publishes left unfinished: every open upload under this version (it is ours:
-    claimed, or published with this content) and those begun a day ago under other versions of the name."""
-    store.abort_uploads(join(manifest.name, manifest.version), older_than_s=0)
-    store.abort_uploads(manifest.name, older_than_s=UPLOAD_STALE_S)
+    claimed, or published with this content) and those begun a day ago under other versions of the name.
+
+    Best effort: a key without the right to list or abort uploads publishes all the same.
+    """
+    with contextlib.suppress(LoramError):
+        store.abort_uploads(join(manifest.name, manifest.version), older_than_s=0)
+        store.abort_uploads(manifest.name, older_than_s=UPLOAD_STALE_S)
 
 
 def _clash(version_uri: str) -> LoramError:
@@ -319,9 +324,10 @@ def _sweep_probes(store: Store) -> None:
     """Delete probe keys older than `PROBE_STALE_S` (a live probe's key is seconds old; a younger
     leftover waits for a later run, since deleting a live one would fail that probe)."""
     now = time.time()
-    for key, modified in store.list_modified(PROBE_PREFIX, limit=1000):
-        if now - modified >= PROBE_STALE_S:
-            store.delete(key)
+    with contextlib.suppress(LoramError):  # best effort, as `_sweep_uploads`
+        for key, modified in store.list_modified(PROBE_PREFIX, limit=1000):
+            if now - modified >= PROBE_STALE_S:
+                store.delete(key)
 
 
 def _published_at(store: Store, name: str, version: str) -> str | None:

@@ -145,7 +145,7 @@ MANIFEST_CASES = [
     ("name-dotdot", lambda home: manifest_bytes(name="../out/decoy"), "name: String should match"),
     ("version-dotdot", lambda home: manifest_bytes(version=".."), "version: String should match"),
     ("other-version", lambda home: manifest_bytes(name="decoy", version="v7"),
-     "is the manifest of decoy/v7, but the URI asks for m/v1"),
+     "is the manifest of 'decoy'/'v7', but the URI asks for m/v1"),
     ("path-dotdot", lambda home: manifest_bytes(files=_files_with(("../out/decoy/x", b"z"))), "unsafe path"),
     ("path-absolute", lambda home: manifest_bytes(files=_files_with((str(home / "notes.txt"), b"z"))),
      "unsafe path"),
@@ -456,14 +456,14 @@ def test_what_killed_publishes_left_is_swept_by_the_next(
             client.upload_part(Bucket=BUCKET, Key=key, UploadId=upload_id, PartNumber=1, Body=b"x" * 100)
     else:
         tmp = Path(bucket.uri[7:]) / ".loram-tmp"
-        for rel, age in (("m/v1/model/w.bin", 0), ("m/v0/model/w.bin", 2 * 86400), ("m/v9/w.bin", 0)):
-            (tmp / f"{rel}.{'0' * 32}.tmp").parent.mkdir(parents=True, exist_ok=True)
-            (tmp / f"{rel}.{'0' * 32}.tmp").write_bytes(b"x" * 100)
-            os.utime(tmp / f"{rel}.{'0' * 32}.tmp", (os.path.getmtime(tmp) - age,) * 2)
+        for rel, age in (("m/v1/0.0.tmp", 0), ("m/v0/0.0.tmp", 2 * 86400), ("m/v9/0.0.tmp", 0)):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(b"x" * 100)
+            os.utime(tmp / rel, (os.path.getmtime(tmp / rel) - age,) * 2)
     bucket.put(".loram-probe/left-by-a-kill", b"1")
     staging, m = staged_version(tmp_path)
     assert publish(staging, m, bucket.uri).status == "published"
-    left = ["m/v9/w.bin." + "0" * 32 + ".tmp"] if bucket.kind == "file" else []
+    left = ["m/v9/0.0.tmp"] if bucket.kind == "file" else []
     assert [k.removeprefix(".loram-tmp/") for k in open_uploads(bucket)] == left
     assert ".loram-probe/left-by-a-kill" in stored(bucket)  # minutes old: could be a live probe's
     monkeypatch.setattr(upload, "PROBE_STALE_S", 0.0)  # as if an hour had passed
