@@ -25,6 +25,7 @@ class Dist:
 
     @property
     def main(self) -> bool:
+        """Whether this is rank 0 (the one that writes files and reports)."""
         return self.rank == 0
 
 
@@ -59,6 +60,7 @@ def wrap(model: nn.Module, parallel: str, decoder_layers: nn.ModuleList) -> nn.M
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 shards in place, so its model is returned as is)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
@@ -103,6 +105,7 @@ def load_full_state(
 
 
 def mean_over_ranks(value: float) -> float:
+    """The mean of `value` over all ranks (the value itself outside a process group)."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64)

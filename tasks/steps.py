@@ -40,7 +40,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str | None) -> str:
     """The calibration blocks pruning measures with (`calibration` section; defaults follow `corpus`)."""
     return steps.prepare_calibration(cfg, base_dir, blocks_file)
 
@@ -77,7 +77,7 @@ def evaluate(
     pruned_dir: str,
     aligned_dir: str,
     nf4_dir: str | None,
-    blocks_file: str,
+    blocks_file: str | None,
 ) -> dict:
     """Held-out perplexity of the original, pruned, aligned and 4-bit models, and parameter counts."""
     _log_device(cfg, "evaluate")
@@ -89,7 +89,7 @@ def evaluate(
 def publish(
     cfg: PipelineConfig,
     base_dir: str,
-    blocks_file: str,
+    blocks_file: str | None,
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,

@@ -104,7 +104,7 @@ def test_plan_json_reproduces_the_13b_figure() -> None:
 
 
 def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
-    from loram_core.storage import publish_version
+    from loram_core.bucket import publish_version
     from tests.conftest import bare_manifest
 
     staging = tmp_path / "s"
@@ -139,7 +139,7 @@ def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
 
 def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
     """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
-    from loram_core.storage import verify_version
+    from loram_core.bucket import verify_version
     from loram_provider.flows.provider import summary_markdown
     from tests.flows.test_provider_flow import TINY
 

@@ -171,15 +171,15 @@ def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(
 
 KILLED_IN_QUANTIZE = """
 import sys, time
-from loram_core import steps
+from loram_core.steps import quantization
 from loram_core.config import load_config
 from loram_provider.flows.provider import provider
 
-real = steps.quantize_checkpoint
+real = quantization.quantize_checkpoint
 def slow(*args, **kwargs):  # pacing only: leaves time to kill the run inside quantize
     time.sleep(600)
     return real(*args, **kwargs)
-steps.quantize_checkpoint = slow
+quantization.quantize_checkpoint = slow
 provider(load_config("configs/demo.yaml", sys.argv[1:]))
 """
 
