@@ -35,8 +35,14 @@ def _tail(uri: str, n: int) -> list[str]:
         raise LoramError(f"{uri!r}: {err} A name and a version are {NAME_RULE}; {FORMS}.") from None
 
 
-def resolve_version(uri: str) -> tuple[str, Manifest]:
+def resolve_version(uri: str, *, check_uri: bool = True) -> tuple[str, Manifest]:
     """A version URI, or a name URI meaning the version its `LATEST` names -> (version URI, manifest).
+
+    Args:
+        uri: `<bucket>/<name>` or `<bucket>/<name>/<version>`.
+        check_uri: a version folder's manifest must name the `<name>/<version>` its URI ends in.
+            False only for a folder known under a name of its own, such as a pulled copy. (Through
+            LATEST, the manifest must always name `<name>` and the version LATEST names.)
 
     Raises:
         LoramError: neither a version nor a name is there.
@@ -48,7 +54,7 @@ def resolve_version(uri: str) -> tuple[str, Manifest]:
     where = f"{uri}/manifest.json"
     try:
         data = read_bounded(store, "manifest.json", MAX_MANIFEST_BYTES, where)
-        return uri, parse_manifest(data, where, expect=tuple(_tail(uri, 2)))
+        return uri, parse_manifest(data, where, expect=tuple(_tail(uri, 2)) if check_uri else None)
     except FileNotFoundError:
         pass
     (name,) = _tail(uri, 1)
