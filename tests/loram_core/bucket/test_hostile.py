@@ -21,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from loram_core.bucket import publish, pull, upload, verify_version
+from loram_core.bucket import publish, pull, resolve_version, upload, verify_version
 from loram_core.bucket import staging as staging_module
 from loram_core.bucket.store import Store
 from loram_core.config import PublishConfig
@@ -472,3 +472,16 @@ def test_what_killed_publishes_left_is_swept_by_the_next(
     publish(staging, m, bucket.uri)
     assert not [k for k in stored(bucket) if k.startswith(".loram-probe/")]
     assert verify_version(f"{bucket.uri}/m").version == "v2"
+
+
+def test_a_pulled_copy_is_a_version_only_where_the_folder_name_is_not_checked(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """A pulled folder holds manifest.json under a name of the consumer's choosing: strict resolution
+    refuses it as m/v1 (the URI says 'copies/mine'), recovery's lenient one reads it."""
+    lay(bucket, PAYLOAD)
+    pull(f"{bucket.uri}/m/v1", tmp_path / "copies" / "mine", cache=False)
+    with pytest.raises(IntegrityError, match="is the manifest of 'm'/'v1', but the URI asks for copies/mine"):
+        resolve_version(f"file://{tmp_path / 'copies' / 'mine'}")
+    uri, manifest = resolve_version(f"file://{tmp_path / 'copies' / 'mine'}", check_uri=False)
+    assert (manifest.name, manifest.version) == ("m", "v1") and uri.endswith("copies/mine")
