@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loram_core.device import DEVICE_PATTERN
 from loram_core.errors import ConfigError
+from loram_core.manifest import NAME_MAX, NAME_PATTERN
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
 Until = Literal["prune", "align", "quantize"]
@@ -289,9 +290,9 @@ class PublishConfig(_Section):
     """Where and under which name the result is published."""
 
     uri: str = Field("file://./bucket", description="fsspec URI of the bucket root (file://, s3://).")
-    name: str = Field("demo-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("demo-llama", pattern=NAME_PATTERN, max_length=NAME_MAX)
     version: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: UTC timestamp of the run."
+        None, pattern=NAME_PATTERN, max_length=NAME_MAX, description="Default: UTC timestamp of the run."
     )
     check_create_only: bool = Field(
         True,
