@@ -23,7 +23,7 @@ def evaluate(
     pruned_dir: str,
     aligned_dir: str,
     nf4_dir: str | None,
-    blocks_file: str,
+    blocks_file: str | None,
 ) -> dict:
     """Held-out perplexity of the models this run made, once each, and the published checkpoint's size.
 
