@@ -62,6 +62,32 @@ def hf_metadata(m: Manifest) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
 
 
+CPU_NF4_RECIPE = """for m in model_4bit.modules():  # before its first forward
+    if hasattr(m, "support_avx512bf16_for_cpu"):
+        m.support_avx512bf16_for_cpu = False"""
+
+
+def _cpu_nf4_note(remote_code: bool) -> str:
+    """How to train `model-nf4/` on a CPU with AVX512-BF16 (bitsandbytes 0.50's fast kernel has no backward)."""
+    if remote_code:
+        return (
+            " The shipped code also sends every forward with gradients enabled through bitsandbytes'"
+            " differentiable path: its fast CPU kernel, which bitsandbytes switches to after an inference"
+            " call, has no backward."
+        )
+    return f"""
+
+To train `model-nf4/` on a CPU with AVX512-BF16: bitsandbytes (0.50) repacks 4-bit weights at the first
+inference call for a fast kernel that has no backward, after which no gradient passes through those
+layers (a LoRA before them learns nothing, silently). Keep its generic path, which trains:
+
+```python
+{CPU_NF4_RECIPE}
+```
+
+GPUs are unaffected; the result is the same, only slower."""
+
+
 def _load_section(remote_code: dict[str, bool], nf4: bool, dest: str) -> str:
     def flag(variant: str) -> str:
         return ", trust_remote_code=True" if remote_code.get(variant) else ""
@@ -76,9 +102,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{dest}/model"{flag("model")})
 model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag("model")}, dtype="bfloat16")
 {nf4_line if nf4 else ""}```"""
+    # The CPU training note depends on whether model-nf4/'s shipped code already routes around the kernel.
+    cpu_note = _cpu_nf4_note(bool(remote_code.get("model-nf4"))) if nf4 else ""
     shipping = [f"`{v}/`" for v in ("model", "model-nf4") if remote_code.get(v)]
     if not shipping:
-        return f"{code}\n\n{_stock_note(remote_code)}"
+        return f"{code}\n\n{_stock_note(remote_code)}{cpu_note}"
     return f"""{code}
 
 {" and ".join(shipping)} {"ships" if len(shipping) == 1 else "ship"} `modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take
@@ -90,7 +118,7 @@ must be executed to correctly load the model ... Please pass the argument `trust
 (in an interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the
 family class itself (e.g. `LlamaForCausalLM`) would build the original's widths. On CPUs with
 AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack (output not a
-multiple of 32, or input not a multiple of 64) run its generic path: same result, slower."""
+multiple of 32, or input not a multiple of 64) run its generic path: same result, slower.{cpu_note}"""
 
 
 def _stock_note(remote_code: dict[str, bool]) -> str:
