@@ -134,10 +134,10 @@ def _inputs(cfg):
     return base, blocks, steps.prepare_calibration(cfg, base, blocks)
 
 
-def child_prune(size: str, work: Path, strategy: str) -> dict:
+def child_prune(size: str, work: Path, strategy: str, *extra: str) -> dict:
     from loram_core import steps
 
-    cfg = _cfg(size, work, strategy)
+    cfg = _cfg(size, work, strategy, *extra)
     base, _, calib = _inputs(cfg)
     clock = Clock()
     clock.start()
@@ -179,12 +179,12 @@ def child_quantize(size: str, work: Path) -> dict:
     return clock.stop()
 
 
-def child_evaluate(size: str, work: Path) -> dict:
+def child_evaluate(size: str, work: Path, *extra: str) -> dict:
     from loram_core import steps
 
-    cfg = _cfg(size, work)
+    cfg = _cfg(size, work, "structured", *extra)
     base, blocks, pruned, aligned = _made(cfg)
-    nf4 = steps.quantize(cfg.quantize, cfg.context, aligned)
+    nf4 = steps.quantize(cfg.quantize, cfg.context, aligned) if cfg.runs("quantize") else None
     clock = Clock()
     clock.start()
     result = steps.evaluate(cfg, base, pruned, aligned, nf4, blocks)
@@ -318,6 +318,38 @@ def start_s3() -> tuple[object, dict]:
     return server, env
 
 
+def code_version() -> str:
+    """The commit the bench ran at, `+dirty` when tracked files differ from it (a table names its code)."""
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "diff", "--quiet", "HEAD"], capture_output=True
+    ).returncode
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def s3_part(size: str, work: Path) -> dict:
+    """The stock-loadable version of `size` in shards: pruned, scored, published to S3, pulled, verified, loaded.
+
+    Each in its own child, so the publish and pull rows measure those steps alone.
+    """
+    uniform = ["prune.keep_first=0", "prune.keep_last=0", "until=prune"]
+    where = ["publish.uri=s3://scale", "publish.version=stock", f"publish.max_shard_size={SHARD}"]
+    load_before, code = os.getloadavg(), code_version()
+    server, env = start_s3()
+    try:
+        run_child("data", size, work)
+        out = {"prune": run_child("prune", size, work, "random", *uniform, env=env)}
+        out["evaluate"] = run_child("evaluate", size, work, "prune.strategy=random", *uniform, env=env)
+        out["publish"] = run_child("publish", size, work, "prune.strategy=random", *uniform, *where, env=env)
+        out["pull"] = run_child("pull", size, work, out["publish"]["uri"], env=env)
+        out["stock"] = run_child("stock", size, work, out["pull"]["dest"], out["publish"]["uri"], env=env)
+    finally:
+        server.stop()
+    return {**out, "load_before": load_before, "load_after": os.getloadavg(), "code": code}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -327,6 +359,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "SCALE.md")
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     p.add_argument("--render", action="store_true", help="re-render --out from the last run's results.json")
+    p.add_argument(
+        "--s3-only", action="store_true", help="re-run the S3 part alone into the last results.json"
+    )
     a = p.parse_args()
     if a.child:
         return _child_main(a.child, a.size, a.work, a.rest)
@@ -337,7 +372,13 @@ def main() -> None:
     # (the bases and the corpus, inputs that are not measured, are kept for reuse).
     for folder in ("steps", "bucket", "pulled"):
         shutil.rmtree(a.work / folder, ignore_errors=True)
-    started, load_before = time.time(), os.getloadavg()
+    if a.s3_only:
+        results = json.loads((a.work / "results.json").read_text())
+        results["s3"] = s3_part(results["largest"], a.work)
+        (a.work / "results.json").write_text(json.dumps(results, indent=2))
+        a.out.write_text(render(**results))
+        return print(f"wrote {a.out}")
+    started, load_before, code = time.time(), os.getloadavg(), code_version()
     sizes = a.sizes.split(",")
     rows: dict[str, dict] = {}
     for size in sizes:
@@ -352,18 +393,10 @@ def main() -> None:
         r["publish"] = run_child("publish", size, a.work)
         r["pull"] = run_child("pull", size, a.work, r["publish"]["uri"])
     largest = sizes[-1]
-    server, env = start_s3()
-    try:
-        s3 = {"publish": run_child("publish", largest, a.work, "prune.strategy=random", "prune.keep_first=0", "prune.keep_last=0",
-                                   "until=prune", "publish.uri=s3://scale", "publish.version=stock",
-                                   f"publish.max_shard_size={SHARD}", env=env)}  # fmt: skip
-        s3["pull"] = run_child("pull", largest, a.work, s3["publish"]["uri"], env=env)
-        s3["stock"] = run_child("stock", largest, a.work, s3["pull"]["dest"], s3["publish"]["uri"], env=env)
-    finally:
-        server.stop()
+    s3 = s3_part(largest, a.work)
     load_after = os.getloadavg()
     results = {"rows": rows, "s3": s3, "largest": largest, "load_before": load_before,
-               "load_after": load_after, "seconds": time.time() - started}  # fmt: skip
+               "load_after": load_after, "seconds": time.time() - started, "code": code}  # fmt: skip
     (a.work / "results.json").write_text(json.dumps(results, indent=2))  # --render re-renders from it
     a.out.write_text(render(**results))
     print(f"wrote {a.out}")
@@ -383,7 +416,9 @@ def _fit(rows: dict, get) -> tuple[str, str]:
     return all4, top3
 
 
-def render(rows: dict, s3: dict, largest: str, load_before, load_after, seconds: float) -> str:
+def render(
+    rows: dict, s3: dict, largest: str, load_before, load_after, seconds: float, code: str = "?"
+) -> str:
     import torch
     import transformers
 
@@ -430,7 +465,7 @@ nice -n 10 .venv/bin/python bench/bench_scale.py
 
 - machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, shared with other work: load average
   {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before, {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} after; the bench ran under
-  `nice -n 10` for {seconds / 60:.1f} min. torch {torch.__version__}, transformers {transformers.__version__}.
+  `nice -n 10` for {seconds / 60:.1f} min at commit {code}. torch {torch.__version__}, transformers {transformers.__version__}.
 - models: LLaMA shapes, random weights (seeded, std 0.02) in bf16, untied head, each with a byte-level
   BPE tokenizer of its vocabulary trained on the demo corpus (the stdlib docs). Every step runs as the
   pipeline runs it (`loram_core.steps`, `device=cpu`, `prune.dtype=auto` = float32 on the CPU), in a process
@@ -490,8 +525,12 @@ A {largest} version pruned with `random` in every layer (`keep_first=0, keep_las
 the choice of channels, decide the layout) and
 published with `publish.max_shard_size={SHARD}` to moto's S3 server on loopback:
 
+Run after the tables above, at commit {s3.get("code", code)} (load average {s3["load_before"][0]:.2f} before, {s3["load_after"][0]:.2f} after), each step in its own process:
+
 | what | value |
 |---|---|
+| prune `random`, every layer (s) | {s3["prune"]["seconds"]:.1f} ({s3["prune"]["cpu_seconds"]:.1f} CPU s; peak RSS {s3["prune"]["rss_mib"]:,.0f} MiB) |
+| evaluate, original and pruned (s) | {s3["evaluate"]["seconds"]:.1f} ({s3["evaluate"]["cpu_seconds"]:.1f} CPU s); perplexity {s3["evaluate"]["metrics"]["original_ppl"]:,.0f} -> {s3["evaluate"]["metrics"]["pruned_ppl"]:,.0f} (random weights: the numbers only show the step ran) |
 | publish to s3:// (s) | {pub["seconds"]:.1f} ({pub["files"]} files, {pub["bytes"] / MiB:,.0f} MiB uploaded; peak RSS {pub["rss_mib"]:,.0f} MiB) |
 | pull, every sha256 checked (s) | {pul["seconds"]:.1f} ({pul["files"]} files, {pul["bytes"] / MiB:,.0f} MiB; peak RSS {pul["rss_mib"]:,.0f} MiB) |
 | verify in place (`verify_version`, s) | {st["verify_seconds"]:.1f} ({st["verified_files"]} files) |
@@ -499,6 +538,19 @@ published with `publish.max_shard_size={SHARD}` to moto's S3 server on loopback:
 | config | plain `llama` (auto_map: {st["auto_map"]}), widths intermediate/heads/KV heads/head_dim {"/".join(map(str, st["widths"]))}; original {st["original"]} |
 | stock `AutoModelForCausalLM.from_pretrained` (no trust_remote_code) | {st["class"]}, loaded in {st["load_seconds"]:.1f} s |
 | max abs logit difference, stock vs `load_model` (fp32) | {st["max_abs_logit_diff"]:.3g} |
+
+## Reading the numbers
+
+- By CPU time, pruning with SparseGPT grows faster than the parameter count (exponent {_fit(rows, lambda r: r["prune"]["semi"]["cpu_seconds"])[1]}
+  over the three largest sizes): each linear's Hessian is factored and inverted, O(d^3) in its input width d,
+  and d grows with the hidden size while the parameter count grows with hidden^2 x layers. Taylor and random
+  pruning, alignment, quantization, evaluation, publish and pull grow about linearly or slower.
+- Peak RSS of pruning grows far slower than the model (exponent {_fit(rows, lambda r: r["prune"]["semi"]["rss_mib"])[1]} for SparseGPT): it streams one layer.
+  At {largest}, the streamed SparseGPT prune holds {(big["prune"]["semi"]["rss_mib"] - big["prune"]["semi"]["rss_before_mib"]) / ckpt:.2f}x the bf16 checkpoint above its imports,
+  Taylor {(big["prune"]["structured"]["rss_mib"] - big["prune"]["structured"]["rss_before_mib"]) / ckpt:.2f}x (its backward also holds the embeddings and head, and a boundary's gradients).
+  Alignment's ({big["align"]["rss_mib"]:,.0f} MiB) is the model, its gradients and AdamW's two moments in fp32.
+- Wall seconds on this shared machine are the least steady column (quantize's at the small sizes is mostly
+  waiting for a core); compare CPU seconds across sizes.
 """
 
 
