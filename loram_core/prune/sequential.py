@@ -4,7 +4,10 @@ Decoder layer `i` is read from the memory-mapped safetensors onto the compute de
 on the outputs of the already pruned layers `< i`, pruned, written to its own output shard and
 dropped (`loram_core.prune.streaming`). Hessians accumulate in float32 on the device, one per
 distinct input (q/k/v share one, gate/up another). Peak memory is about one layer, its Hessians
-and the calibration activations, not the whole model.
+and the calibration activations, not the whole model. Within a layer every linear calibrates on
+the dense layer's inputs, or, with `prune.true_sequential`, on inputs recomputed through the
+linears pruned before it (SparseGPT's order). `unstructured` prunes each layer at `prune.ratio`,
+or at the layer's own OWL ratio (`prune.layerwise=owl`, `loram_core.prune.owl`).
 """
 
 from __future__ import annotations
