@@ -342,6 +342,10 @@ class RunContext(_Section):
 
     workdir: str = Field(description="Step outputs, keyed by the hash of their inputs.")
     device: str = Field(pattern=DEVICE_PATTERN, description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    gpus: list[int] | None = Field(
+        None,
+        description="GPU indices of the host this step holds (set by the GPU lease; torchrun's devices).",
+    )
 
 
 class PipelineConfig(_Section):

@@ -47,7 +47,7 @@ def align(
     work.mkdir(parents=True, exist_ok=True)
     tmp = tmp_for(out)
     if align.nproc_per_node > 1:
-        result = align_torchrun(align, pruned_dir, blocks_file, work, tmp, progress)
+        result = align_torchrun(align, pruned_dir, blocks_file, work, tmp, progress, ctx.gpus)
     else:
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,13 +21,27 @@ def deadline_s(align: AlignConfig) -> float | None:
     return None if minutes is None else 60.0 * minutes
 
 
+def torchrun_env(gpus: list[int] | None) -> dict[str, str] | None:
+    """torchrun's environment: this one, seeing only the leased `gpus` (None: inherit unchanged)."""
+    if gpus is None:
+        return None
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpus)}
+
+
 def align_torchrun(
-    align: AlignConfig, pruned_dir: str, blocks_file: str, work: Path, out: Path, progress: Progress | None
+    align: AlignConfig,
+    pruned_dir: str,
+    blocks_file: str,
+    work: Path,
+    out: Path,
+    progress: Progress | None,
+    gpus: list[int] | None = None,
 ) -> dict:
     """Run the alignment loop in `align.nproc_per_node` processes on this node under torchrun.
 
     The workers read the `align` section from `<work>/align-config.json`, checkpoint into `work`
-    and save the model into `out`; their progress lines are handed to `progress`.
+    and save the model into `out`; their progress lines are handed to `progress`. With `gpus` (the
+    step's leased GPU indices) torchrun sees only those (`CUDA_VISIBLE_DEVICES`).
 
     Returns:
         The training result the workers recorded (losses, tokens, throughput).
@@ -51,7 +66,7 @@ def align_torchrun(
 
     what = f"alignment under torchrun ({align.nproc_per_node} processes)"
     try:  # torchrun and its workers run in a process group of their own, killed on every exit path
-        code = run_group(cmd, on_line, deadline_s(align), what)
+        code = run_group(cmd, on_line, deadline_s(align), what, env=torchrun_env(gpus))
     except DeadlineExceeded as err:
         raise DeadlineExceeded(f"{err} Its checkpoint in {work} is kept: {DEADLINE_FIX}") from None
     if code:
