@@ -5,6 +5,11 @@ run) before the CLI gets to print the error. For errors the code handles (`Loram
 message names the bad value and the fix) those tracebacks only bury the message, so the console
 drops them and a log file keeps every record in full; `--debug` shows them on the console again.
 The Prefect server (UI) still receives every log line.
+
+Libraries' notices about optional kernels they could not load (bitsandbytes on an AVX512-BF16 CPU
+without the `kernels` package) alarm users about packages they never asked for, and change nothing:
+the generic path computes the same results. They are held off the terminal and written to the run's
+log file (`hold_library_notices`); `--debug` shows them.
 """
 
 from __future__ import annotations
@@ -59,6 +64,52 @@ class _DropHandled(logging.Filter):
         return not _is_handled(record)
 
 
+# Loggers whose records only say that an optional accelerated kernel is unavailable.
+OPTIONAL_KERNEL_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+class _HeldRecords(logging.Handler):
+    """Holds records until a log file is named (`route_tracebacks`), then writes them there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.target: logging.Handler | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target is None:
+            self.records.append(record)
+        else:
+            self.target.handle(record)
+
+    def send_to(self, target: logging.Handler) -> None:
+        self.target = target
+        for record in self.records:
+            target.handle(record)
+        self.records.clear()
+
+
+_HELD = _HeldRecords()
+
+
+def hold_library_notices(show: bool = False) -> None:
+    """Keep optional-kernel notices off the terminal; the run's log file gets them (`show`: leave them be).
+
+    Call before the libraries are imported (they log at import time).
+    """
+    if show:
+        return
+    for name in OPTIONAL_KERNEL_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.addHandler(_HELD)
+        logger.propagate = False  # no root handler, nor Python's last-resort stderr printer
+
+
+def held_library_records() -> list[logging.LogRecord]:
+    """The notices held so far and not yet written to a log file."""
+    return list(_HELD.records)
+
+
 def log_file_for(workdir: str | Path) -> Path:
     """Where this run's full log goes: `<workdir>/logs/run-<UTC time>.log`."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -76,3 +127,4 @@ def route_tracebacks(log_file: Path) -> None:
     file_handler = logging.FileHandler(log_file, delay=True)
     file_handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
     logging.getLogger("prefect").addHandler(file_handler)
+    _HELD.send_to(file_handler)  # the libraries' held notices belong to this run's log too

@@ -1,4 +1,8 @@
-"""The `loram` command line: `run` (the Prefect flow), `inspect` and `plan` (no Prefect needed)."""
+"""The `loram` command line: `run` (the Prefect flow), `inspect` and `plan` (no Prefect needed).
+
+Only typer, rich and our own light modules load at start, so `--help` and a refused config answer
+at once; each command imports the heavy libraries (torch, transformers, prefect, peft) it needs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from loram_core.card import consumer_uri
 from loram_core.errors import LoramError
 from loram_core.report import format_gib, recovery_sentence
 
@@ -21,6 +24,9 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _fail(err: Exception) -> None:
@@ -50,19 +56,24 @@ def run(
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
     from loram_core.config import load_config
-    from loram_core.steps import pin_version, preflight
-    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
-    from loram_provider.flows.credentials import block_credentials
 
     flags = ([f"until={until}"] if until is not None else []) + (
         ["publish.enabled=false"] if no_publish else []
     )
     try:
+        cfg = load_config(config, [*(overrides or []), *flags])  # a bad key or value: refused right here
+    except LoramError as err:
+        _fail(err)
+    from loram_core import checks
+    from loram_core.steps import pin_version
+    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
+    from loram_provider.flows.credentials import block_credentials
+
+    try:
         check_api_reachable()
-        cfg = load_config(config, [*(overrides or []), *flags])
         with block_credentials(cfg.credentials_block):
             cfg = pin_version(cfg)  # the version is checked for a clash now
-            preflight(cfg)
+            checks.preflight(cfg)
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
@@ -95,7 +106,8 @@ def run(
 
         _progress.LISTENERS.append(listen)
         try:
-            result = provider(cfg)  # the flow validates it again and runs the preflight itself
+            with checks.checked(cfg):  # the flow's preflight task: already passed, in this process
+                result = provider(cfg)
         except LoramError as err:
             if not debug:
                 err = LoramError(f"{err}\n(full log with tracebacks: {log_file}; `--debug` shows them here)")
@@ -132,6 +144,7 @@ def _quiet_libraries() -> None:
 
 
 def _print_summary(result: dict) -> None:
+    from loram_core.card import consumer_uri
     from loram_core.sizes import size_rows
 
     m, p = result["metrics"], result["params"]
@@ -185,7 +198,7 @@ def _print_verification(verification: dict) -> None:
 @app.command()
 def inspect(uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<version>]"))]) -> None:
     """Verify a published version against its manifest and print the manifest."""
-    from loram_core.storage import verify_version
+    from loram_core.bucket import verify_version
 
     try:
         manifest = verify_version(uri)
@@ -326,12 +339,14 @@ def recover(
     dtype: Annotated[str, typer.Option(help="merged checkpoint dtype (mask, complement)")] = "bfloat16",
 ) -> None:
     """Recover a LoRA adapter trained on a pruned base for the original model."""
+    modes = ("auto", "zeroA", "normA", "dense", "mask", "complement")
+    if mode not in modes:
+        _fail(LoramError(f"--mode {mode!r} is not one of {', '.join(modes)}."))
+    if dtype not in _DTYPES:
+        _fail(LoramError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}."))
     from loram_core.recover import recover as run_recover
 
-    modes = ("auto", "zeroA", "normA", "dense", "mask", "complement")
     try:
-        if mode not in modes:
-            raise LoramError(f"--mode {mode!r} is not one of {', '.join(modes)}.")
         result = run_recover(base, adapter, out, mode=mode, original=original, seed=seed, dtype=dtype)  # type: ignore[arg-type]
     except LoramError as err:
         _fail(err)
@@ -352,6 +367,8 @@ def merge(
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
 ) -> None:
     """Merge a LoRA adapter into the original model's weights (an NF4 model is dequantized first)."""
+    if dtype not in _DTYPES:
+        _fail(LoramError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}."))
     from loram_core.recover import merge as run_merge
 
     try:
@@ -368,22 +385,27 @@ def verify(
 ) -> None:
     """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
     from loram_core.config import load_config
-    from loram_core.steps import preflight
-    from loram_core.verify import require_alignment
-    from loram_provider.flows.credentials import block_credentials
+    from loram_core.verify.checks import require_alignment
 
     try:
         cfg = load_config(config, [*(overrides or []), "verify.enabled=true"])
         require_alignment(cfg)
+    except LoramError as err:
+        _fail(err)
+    from loram_core import checks
+    from loram_provider.flows.credentials import block_credentials
+
+    try:
         with block_credentials(cfg.credentials_block):
-            preflight(cfg)
+            checks.preflight(cfg)
     except LoramError as err:
         _fail(err)
     _quiet_libraries()
     from loram_provider.flows.verify import verify as verify_flow
 
     try:
-        result = verify_flow(cfg.model_dump(mode="json"))
+        with checks.checked(cfg):
+            result = verify_flow(cfg.model_dump(mode="json"))
     except LoramError as err:
         _fail(err)
     _print_summary(result)
@@ -421,6 +443,10 @@ def deploy(
 
 
 def main() -> None:
+    """The `loram` entry point."""
+    from loram_provider.flows._console import hold_library_notices
+
+    hold_library_notices(show="--debug" in sys.argv)
     app()
 
 

@@ -19,6 +19,7 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
+    """One torchrun worker: train this rank's share of the alignment and (rank 0) save the model."""
     # argparse, not typer: this is an internal launcher interface, not a user CLI.
     parser = argparse.ArgumentParser(prog="loram_core.align_worker")
     for flag in ("--config", "--pruned", "--blocks", "--workdir", "--out"):

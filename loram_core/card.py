@@ -8,7 +8,7 @@ from loram_core.config import SPARSE
 from loram_core.manifest import Manifest
 from loram_core.report import recovery_sentence
 from loram_core.sizes import size_rows
-from loram_core.verify.ablation import verification_markdown
+from loram_core.verify.report import verification_markdown
 
 
 def _fmt(x) -> str:

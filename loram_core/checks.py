@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
-
-from loram_core.config import CorpusConfig
+from loram_core.config import CorpusConfig, PipelineConfig, fingerprint
 from loram_core.errors import ConfigError, LoramError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 INDEX = "model.safetensors.index.json"
 # Stores that hold a published version: files, or object stores (the create-only manifest needs one).
@@ -284,7 +287,7 @@ def check_bucket(uri: str) -> None:
     from fsspec.core import split_protocol
     from fsspec.registry import known_implementations, registry
 
-    from loram_core.storage import bucket_fs
+    from loram_core.bucket import bucket_fs
 
     protocol = split_protocol(uri)[0] or "file"
     use = "Use file://PATH or s3://BUCKET/PREFIX (gs://, az:// with gcsfs or adlfs installed)."
@@ -345,7 +348,7 @@ def check_text_files(patterns: list[str], fmt: str, text_field: str, cache_dir: 
     raise ConfigError(f"{key}={patterns} holds no text; point it at files that hold text.")
 
 
-def check_publish_target(cfg) -> None:
+def check_publish_target(cfg: PipelineConfig) -> None:
     """Check the bucket a run publishes to, in seconds: reachable, credentials accepted, create-only
     writes honoured (`publish.check_create_only`), and no clash with an existing version.
 
@@ -413,3 +416,62 @@ def _reach(uri: str, call):
             "AWS_ENDPOINT_URL to the store's address (e.g. http://minio:9000) and AWS_REGION, or check that "
             "it is up."
         ) from None
+
+
+_CHECKED: set[str] = set()  # fingerprints of configs the preflight passed in this process, for this run
+
+
+@contextmanager
+def checked(cfg: PipelineConfig) -> Iterator[None]:
+    """Within the body, `preflight(cfg)` of this very config returns at once: it has just passed.
+
+    `loram run` checks a config before it starts Prefect (so a bad one is refused in a second,
+    with no Prefect output) and then runs the flow in the same process; the flow's own preflight
+    task would repeat the same reads. Runs from the UI or a schedule start in a worker process,
+    where nothing is marked, so their preflight always runs.
+    """
+    key = fingerprint(cfg.model_dump(mode="json"))
+    _CHECKED.add(key)
+    try:
+        yield
+    finally:
+        _CHECKED.discard(key)
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check what can be checked before any work: base model, corpus, layer range, bucket, workdir.
+
+    Cheap by design: config files, safetensors headers and the tokenizer are read, the corpus is
+    streamed until one block of each split is certain; no weights load.
+
+    Raises:
+        LoramError: naming the missing or broken file or the bad value, and the fix.
+    """
+    from loram_core.sources import heldout_rule
+    from loram_core.steps import base_path, compute_device
+    from loram_core.verify.checks import check_verify
+
+    if fingerprint(cfg.model_dump(mode="json")) in _CHECKED:
+        return
+    path = base_path(cfg)
+    tokenizer = None
+    if path is not None:
+        num_layers = check_base(path).num_hidden_layers
+        tokenizer = check_tokenizer(path)
+    else:
+        num_layers = cfg.base.demo.num_hidden_layers
+        check_writable(cfg.base.cache_dir, "base.cache_dir")
+    cfg.prune.layer_range(num_layers)
+    compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
+    if cfg.corpus.paths != "demo" and cfg.reads_corpus():  # a corpus no step reads is not checked
+        fraction, unit = heldout_rule(cfg)
+        corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
+        check_corpus(corpus, cfg.base.cache_dir, tokenizer, heldout_unit=unit)
+    for key, section in (("calibration.source", cfg.calibration), ("eval.source", cfg.eval)):
+        if section.source != "corpus":
+            check_text_files(section.source, section.format, section.text_field, cfg.base.cache_dir, key)
+    if cfg.publish.enabled:
+        check_bucket(cfg.publish.uri)
+        check_publish_target(cfg)
+    check_writable(cfg.workdir, "workdir")
+    check_verify(cfg)  # verify.rank, verify.recover_mode and align.enabled, before any compute

@@ -388,6 +388,10 @@ class RunContext(_Section):
 
     workdir: str = Field(description="Step outputs, keyed by the hash of their inputs.")
     device: str = Field(pattern=DEVICE_PATTERN, description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    gpus: list[int] | None = Field(
+        None,
+        description="GPU indices of the host this step holds (set by the GPU lease; torchrun's devices).",
+    )
 
 
 class PipelineConfig(_Section):
@@ -444,6 +448,12 @@ class PipelineConfig(_Section):
     def context(self) -> RunContext:
         """The run's work dir and device: what prune, align and quantize get beside their own section."""
         return RunContext(workdir=self.workdir, device=self.device)
+
+    def reads_corpus(self) -> bool:
+        """Whether any step of this run reads the packed corpus: alignment trains on it, and calibration
+        and evaluation read it unless they have files of their own (`source`). When none does, the run
+        does not tokenize it at all."""
+        return self.runs("align") or self.calibration.source == "corpus" or self.eval.source == "corpus"
 
     def runs(self, step: Literal["align", "quantize", "verify"]) -> bool:
         """Whether this run makes the model of `step` (`until` reaches it and its section is enabled).

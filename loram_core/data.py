@@ -221,6 +221,7 @@ class Blocks:
 
     @property
     def train_tokens(self) -> int:
+        """Tokens in the training split."""
         return self.train.numel()
 
 
@@ -266,9 +267,11 @@ def split_flags(
 
 
 def save_blocks(path: str | Path, blocks: Blocks, metadata: dict[str, str]) -> None:
+    """Write both splits (int32 `[n, seq_len]` each) to one safetensors file with `metadata`."""
     save_file({"train": blocks.train, "heldout": blocks.heldout}, str(path), metadata=metadata)
 
 
 def load_blocks(path: str | Path) -> Blocks:
+    """Read the splits `save_blocks` wrote."""
     t = load_file(str(path))
     return Blocks(train=t["train"], heldout=t["heldout"])

@@ -44,6 +44,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
 
 
 def demo_key(base: BaseConfig, corpus: CorpusConfig, heldout_unit: str = "documents") -> str:
+    """The demo base's cache key: its architecture, pretraining settings, corpus bytes and held-out rule."""
     corpus_file = demo_corpus_file(base.cache_dir)
     key = {
         "recipe": RECIPE_VERSION,

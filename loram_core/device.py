@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import platform
 import re
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loram_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
@@ -42,6 +43,8 @@ def resolve_device(spec: str) -> torch.device:
     Raises:
         ConfigError: the spec is malformed, or names a GPU this machine does not have.
     """
+    import torch
+
     if not re.match(DEVICE_PATTERN, spec):
         raise ConfigError(f"device={spec!r} is not one of auto, cpu, cuda, cuda:N (e.g. device=cuda:0).")
     if spec == "auto":
@@ -66,6 +69,8 @@ def resolve_device(spec: str) -> torch.device:
 
 def default_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """`requested` as a dtype; `auto` is bfloat16 on a GPU that supports it, else float32."""
+    import torch
+
     if requested != "auto":
         return getattr(torch, requested)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -75,6 +80,8 @@ def default_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
 
 def describe(device: torch.device) -> dict[str, Any]:
     """What a run computed on, for logs, summaries and manifests."""
+    import torch
+
     info: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -93,6 +100,8 @@ def peak_flops(device: torch.device) -> float | None:
 
     `LORAM_PEAK_TFLOPS` (e.g. `989.4`) sets it for a GPU missing from the table, or for the CPU.
     """
+    import torch
+
     override = os.environ.get("LORAM_PEAK_TFLOPS")
     if override:
         return float(override) * 1e12
@@ -104,12 +113,16 @@ def peak_flops(device: torch.device) -> float | None:
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (timers around GPU work need it; a no-op on the CPU)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes free on a GPU (what the driver reports), or None on the CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     free, _total = torch.cuda.mem_get_info(device)
@@ -118,12 +131,16 @@ def free_memory(device: torch.device) -> int | None:
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new GPU peak-memory window (a no-op on the CPU)."""
+    import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
     """Peak GPU memory allocated by torch since the last reset, in GiB (None on the CPU)."""
+    import torch
+
     if device.type != "cuda":
         return None
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)

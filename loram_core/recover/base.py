@@ -35,6 +35,7 @@ class PrunedBase:
 
     @property
     def structured(self) -> bool:
+        """Whether the base was pruned by a structured strategy (widths changed) rather than a sparse one."""
         return self.masks.strategy not in SPARSE
 
 
@@ -68,7 +69,7 @@ def read_base(base: str | Path) -> PrunedBase:
 
 
 def _read_uri(uri: str) -> PrunedBase:
-    from loram_core.storage import bucket_fs, resolve_version
+    from loram_core.bucket import bucket_fs, resolve_version
 
     version_uri, manifest = resolve_version(uri)
     fs, root = bucket_fs(version_uri)

@@ -2,13 +2,39 @@
 
 `verify` is the pipeline step (cached, run after evaluate and before publish); `run_ablation` the
 experiment on given checkpoints; `make_task` / `encode` / `task_loss` the instruction-style task
-built from the corpus; `verification_markdown` the model card's section.
+built from the corpus; `check_verify` / `require_alignment` its checks; `verification_markdown`
+the model card's section.
+
+Names load on first use (`__getattr__`), so importing the checks or the card's section never
+imports peft or the training stack.
 """
 
-from loram_core.verify.ablation import ROWS, run_ablation, verification_markdown
-from loram_core.verify.lora import lora_config, train_lora
-from loram_core.verify.step import check_aligned, check_verify, require_alignment, verify
-from loram_core.verify.task import Example, encode, make_task, task_loss
+from __future__ import annotations
 
-__all__ = ["ROWS", "Example", "check_aligned", "check_verify", "encode", "lora_config", "make_task", "run_ablation",
-           "require_alignment", "task_loss", "train_lora", "verification_markdown", "verify"]  # fmt: skip
+import importlib
+from typing import Any
+
+_HOME = {
+    "ROWS": "ablation",
+    "run_ablation": "ablation",
+    "verification_markdown": "report",
+    "lora_config": "lora",
+    "train_lora": "lora",
+    "check_aligned": "checks",
+    "check_verify": "checks",
+    "require_alignment": "checks",
+    "verify": "step",
+    "Example": "task",
+    "encode": "task",
+    "make_task": "task",
+    "task_loss": "task",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines `name` on first access (PEP 562)."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'loram_core.verify' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"loram_core.verify.{_HOME[name]}"), name)

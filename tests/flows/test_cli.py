@@ -104,7 +104,7 @@ def test_plan_json_reproduces_the_13b_figure() -> None:
 
 
 def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
-    from loram_core.storage import publish_version
+    from loram_core.bucket import publish_version
     from tests.conftest import bare_manifest
 
     staging = tmp_path / "s"
@@ -156,7 +156,7 @@ def test_plan_shows_round_to_and_says_when_owl_decides_its_ratios(tmp_path: Path
 
 def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
     """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
-    from loram_core.storage import verify_version
+    from loram_core.bucket import verify_version
     from loram_provider.flows.provider import summary_markdown
     from tests.flows.test_provider_flow import TINY
 

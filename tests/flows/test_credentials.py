@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from loram_core import checks
+from loram_core.bucket import verify_version
 from loram_core.config import load_config
 from loram_core.errors import ConfigError, LoramError
-from loram_core.storage import verify_version
 from loram_provider.flows.credentials import BLOCK_TYPE, block_credentials
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 

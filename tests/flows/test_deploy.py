@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from loram_core import launch
+from loram_core.bucket import verify_version
 from loram_core.config import load_config, parse_config
-from loram_core.storage import verify_version
 from tests.flows.test_provider_flow import REPO, TINY
 
 LORAM = [sys.executable, "-m", "loram_provider.flows.cli"]

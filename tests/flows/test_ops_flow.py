@@ -146,6 +146,7 @@ def _task_inputs(flow_run_id: str) -> dict[str, set[str]]:
 def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(
     prefect_server,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     import torch
     from prefect.client.orchestration import get_client
@@ -163,23 +164,29 @@ def test_gpu_slots_are_held_while_a_cuda_step_runs_and_released_on_error(
     with gpu.gpu_slots(cfg, 2):  # on the CPU: no slot taken
         assert active() == 0
     monkeypatch.setattr(gpu, "compute_device", lambda cfg: torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="out of memory"), gpu.gpu_slots(cfg, 2):
+    monkeypatch.setattr("loram_core.gpus.visible_gpu_count", lambda: 2)
+    monkeypatch.setenv("LORAM_GPU_LOCK_DIR", str(tmp_path / "locks"))
+    with pytest.raises(RuntimeError, match="out of memory"), gpu.gpu_slots(cfg, 2) as leased:
         assert active() == 2
+        assert leased.device == "cuda:0" and cfg.device == "auto"  # the step computes on its leased GPU
         raise RuntimeError("CUDA out of memory")  # what a failing step raises
     assert active() == 0
+    ctx = cfg.context.model_copy(update={"device": "cuda:1"})  # pinned: that GPU, and torchrun sees it
+    with gpu.gpu_slots(ctx) as leased:
+        assert (leased.device, leased.gpus) == ("cuda:1", [1])
 
 
 KILLED_IN_QUANTIZE = """
 import sys, time
-from loram_core import steps
+from loram_core.steps import quantization
 from loram_core.config import load_config
 from loram_provider.flows.provider import provider
 
-real = steps.quantize_checkpoint
+real = quantization.quantize_checkpoint
 def slow(*args, **kwargs):  # pacing only: leaves time to kill the run inside quantize
     time.sleep(600)
     return real(*args, **kwargs)
-steps.quantize_checkpoint = slow
+quantization.quantize_checkpoint = slow
 provider(load_config("configs/demo.yaml", sys.argv[1:]))
 """
 

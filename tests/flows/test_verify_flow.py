@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from loram_core.bucket import verify_version
 from loram_core.config import load_config
-from loram_core.storage import verify_version
 from tests.flows.test_provider_flow import TINY
 
 REPO = Path(__file__).resolve().parents[2]

@@ -21,6 +21,7 @@ from loram_core.config import AlignConfig, PruneConfig, load_config
 from loram_core.evaluate import perplexity
 from loram_core.models import load_model
 from loram_core.prune import load_masks, prune_checkpoint, save_masks
+from loram_core.steps import alignment, evaluation, pruning, quantization
 from tests.conftest import REPO, tiny_model, tiny_tokenizer
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -110,18 +111,21 @@ def test_every_step_computes_on_the_configured_device(
 ) -> None:
     seen: dict[str, set[str]] = {}
 
-    def spy(name, fn, where):
+    def spy(module, name, where):
+        fn = getattr(module, name)
+
         def wrapped(*args, **kwargs):
             seen.setdefault(name, set()).add(str(where(args, kwargs)))
             return fn(*args, **kwargs)
 
-        monkeypatch.setattr(steps, name, wrapped)
+        monkeypatch.setattr(module, name, wrapped)
 
     param_device = lambda args, kw: next(args[0].parameters()).device.type  # noqa: E731
-    spy("prune_checkpoint", steps.prune_checkpoint, lambda a, kw: torch.device(kw["device"]).type)
-    spy("train_causal_lm", steps.train_causal_lm, param_device)
-    spy("quantize_checkpoint", steps.quantize_checkpoint, lambda a, kw: torch.device(kw["device"]).type)
-    spy("perplexity", steps.perplexity, param_device)
+    kw_device = lambda args, kw: torch.device(kw["device"]).type  # noqa: E731
+    spy(pruning, "prune_checkpoint", kw_device)
+    spy(alignment, "train_causal_lm", param_device)
+    spy(quantization, "quantize_checkpoint", kw_device)
+    spy(evaluation, "perplexity", param_device)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"{i} {TEXT}" for i in range(200)))  # distinct documents: some held out
     cfg = load_config(REPO / "configs" / "demo.yaml", [

@@ -210,7 +210,7 @@ def test_merge_into_an_nf4_original_adds_the_delta_to_the_dequantized_weights(tm
 
 
 def test_a_published_version_by_uri_or_directory_reads_only_config_masks_and_manifest(tmp_path) -> None:
-    from loram_core.storage import publish_version
+    from loram_core.bucket import publish_version
     from tests.conftest import bare_manifest
 
     original, pruned = _pruned_base(tmp_path)

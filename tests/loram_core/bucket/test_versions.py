@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
+from loram_core.bucket import publish_version, resolve_version, verify_version
 from loram_core.errors import IntegrityError, LoramError
 from loram_core.manifest import Manifest, safe_relative
-from loram_core.storage import publish_version, resolve_version, verify_version
 from tests.conftest import bare_manifest
 
 
