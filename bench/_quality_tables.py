@@ -23,14 +23,14 @@ OWL_RATIOS = [0.5, 0.6, 0.7]
 class Bench:
     """One bench model, its blocks, and a perplexity for each pruning setting (cached per run)."""
 
-    def __init__(self, model: str, calib: int) -> None:
+    def __init__(self, model: str, calib: int, calib_start: int = 0) -> None:
         from bench._models import prepare
         from loram_core.data import load_blocks
         from loram_core.evaluate import perplexity
         from loram_core.models import load_model
 
         self.work = Path(tempfile.mkdtemp(prefix=f"bench-quality-{model}-"))
-        self.model, self.calib = model, calib
+        self.model, self.calib, self.calib_start = model, calib, calib_start
         self.base, blocks_file = prepare(model, self.work)
         self.blocks = load_blocks(blocks_file)
         self.original = perplexity(load_model(self.base), self.blocks.heldout)
@@ -47,7 +47,7 @@ class Bench:
 
         out = self.work / re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
         cfg = PruneConfig(calib_samples=self.calib, **fields)
-        prune_checkpoint(self.base, out, cfg, self.blocks.train[: self.calib])
+        prune_checkpoint(self.base, out, cfg, self.calib_blocks())
         model = load_model(out)
         self.loram[name] = dict(model.config.loram)
         value = perplexity(model, self.blocks.heldout)
@@ -55,12 +55,16 @@ class Bench:
         print(f"{self.model} {name}: {value:.4f}", flush=True)
         return value
 
+    def calib_blocks(self):
+        """The calibration blocks: `calib` training blocks from `calib_start`."""
+        return self.blocks.train[self.calib_start : self.calib_start + self.calib]
+
     def describe(self) -> str:
         blocks = self.blocks.heldout
         return (
             f"`{self.model}` base (`bench/_models.py`), dense held-out ppl {self.original:.4f} over "
-            f"{blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens; calibration: the first "
-            f"{self.calib} training blocks"
+            f"{blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens; calibration: training blocks "
+            f"{self.calib_start}..{self.calib_start + self.calib - 1}"
         )
 
 
@@ -90,7 +94,7 @@ def _second_order_share(bench: Bench, layers: range) -> float:
     from loram_core.models import load_model
     from loram_core.prune.taylor import taylor_group_scores
 
-    calib = bench.blocks.train[: bench.calib]
+    calib = bench.calib_blocks()
     first = taylor_group_scores(load_model(bench.base), layers, calib, "param_first")
     second = taylor_group_scores(load_model(bench.base), layers, calib, "param_second")
     return sum(second[i][0].sum().item() / 2 for i in layers) / sum(first[i][0].sum().item() for i in layers)
@@ -202,14 +206,23 @@ def write_section(path: Path, key: str, text: str) -> None:
     path.write_text(new)
 
 
-def run(table: str, models: list[str], calib: int, out: Path, owl_m: float, owl_lambda: float) -> None:
-    """Make one table and write it into its section of `out`."""
+def run(
+    table: str,
+    models: list[str],
+    calib: int,
+    out: Path,
+    owl_m: float,
+    owl_lambda: float,
+    calib_start: int = 0,
+) -> None:
+    """Make one table and write it into its section of `out` (one per calibration slice)."""
     argv = sys.argv[1:]
+    benches = [Bench(m, calib, calib_start) for m in models]
     if table == "estimators":
-        text = estimators_table(Bench(models[0], calib), argv)
+        text = estimators_table(benches[0], argv)
     elif table == "sequential":
-        text = sequential_table([Bench(m, calib) for m in models], argv)
+        text = sequential_table(benches, argv)
     else:
-        text = owl_table([Bench(m, calib) for m in models], argv, owl_m, owl_lambda)
-    write_section(out, table, text)
+        text = owl_table(benches, argv, owl_m, owl_lambda)
+    write_section(out, table + (f"-calib{calib_start}" if calib_start else ""), text)
     print(text)

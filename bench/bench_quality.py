@@ -159,7 +159,10 @@ def main() -> None:
         help="spread: settings x thread counts (the default); the others run once, at --threads[0]",
     )
     parser.add_argument("--models", nargs="+", default=["demo"], help="bench/_models.py names (demo, larger)")
-    parser.add_argument("--calib", type=int, default=32, help="calibration blocks (first training blocks)")
+    parser.add_argument("--calib", type=int, default=32, help="calibration blocks (training blocks)")
+    parser.add_argument(
+        "--calib-start", type=int, default=0, help="first calibration block; >0 writes a section of its own"
+    )
     parser.add_argument("--owl-m", type=float, default=5.0)
     parser.add_argument("--owl-lambda", type=float, default=0.08)
     args = parser.parse_args()
@@ -169,7 +172,7 @@ def main() -> None:
         from bench._quality_tables import run
 
         torch.set_num_threads(args.threads[0])
-        run(args.table, args.models, args.calib, args.out, args.owl_m, args.owl_lambda)
+        run(args.table, args.models, args.calib, args.out, args.owl_m, args.owl_lambda, args.calib_start)
         return
     if args.child is not None:
         print(json.dumps(child(args.child, args.align_steps, args.base)))
