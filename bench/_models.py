@@ -8,7 +8,9 @@ held-out split, so perplexities are comparable across them and with `make demo`:
 | `demo` | 6 x 128 | 384 | 4 / 2 | 1.71 M | 900 steps x 16 x 128 tokens (1.8 M tokens), lr 5e-3 |
 | `larger` | 8 x 256 | 768 | 8 / 4 | 7.34 M | 1,200 steps x 16 x 128 tokens (2.5 M tokens), lr 3e-3 |
 
-The larger one takes about 4x the demo's compute per step and 1.3x its steps. On a shared machine
+Held-out perplexity (`bench/QUALITY.md`): demo 59.23, larger 63.65. The larger one is the more
+undertrained (0.33 tokens per parameter against 1.1), so it scores worse dense but loses less to
+pruning. It takes about 4x the demo's compute per step and 1.3x its steps. On a shared machine
 build it with OMP_NUM_THREADS=1: two threads on oversubscribed cores cost 4-5x the CPU time per step
 (measured here: 6.5 vs 1.4 CPU-s per step). Each is cached, keyed by its settings and the corpus
 (`build_demo_base`): the demo's where `make demo` keeps it
