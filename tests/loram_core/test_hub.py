@@ -174,6 +174,8 @@ def test_offline_run_from_a_repo_id_publishes_its_origin_in_the_hf_layout(
     assert config["loram"]["original"] == {"intermediate_size": 128, "num_attention_heads": 4,
                                            "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
     stock = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # no trust_remote_code
+    claimed = getattr(torch, config["dtype"])  # model/ is published in 16 bits; stock loads what it claims
+    assert stock.dtype == claimed == torch.bfloat16
     assert stock.config.tie_word_embeddings
     assert stock.lm_head.weight.data_ptr() == stock.model.embed_tokens.weight.data_ptr()
     assert stock.config.rope_parameters["rope_type"] == "llama3"
@@ -181,7 +183,7 @@ def test_offline_run_from_a_repo_id_publishes_its_origin_in_the_hf_layout(
     torch.testing.assert_close(stock.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(stock(ids).logits, load_model(model_dir)(ids).logits)
+        assert torch.equal(stock(ids).logits, load_model(model_dir, dtype=claimed)(ids).logits)
 
 
 def test_offline_without_the_repo_in_the_cache_is_one_preflight_error(offline: dict, tmp_path: Path) -> None:
