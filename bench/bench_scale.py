@@ -417,8 +417,16 @@ def _fit(rows: dict, get) -> tuple[str, str]:
 
 
 def render(
-    rows: dict, s3: dict, largest: str, load_before, load_after, seconds: float, code: str = "?"
+    rows: dict,
+    s3: dict,
+    largest: str,
+    load_before,
+    load_after,
+    seconds: float,
+    code: str = "?",
+    note: str = "",
 ) -> str:
+    """SCALE.md from a run's results (`note`: a sentence kept in results.json, e.g. what changed since)."""
     import torch
     import transformers
 
@@ -466,7 +474,7 @@ nice -n 10 .venv/bin/python bench/bench_scale.py
 - machine: {os.cpu_count()} CPU cores ({platform.machine()}), no GPU, shared with other work: load average
   {load_before[0]:.2f} / {load_before[1]:.2f} / {load_before[2]:.2f} (1/5/15 min) before, {load_after[0]:.2f} / {load_after[1]:.2f} / {load_after[2]:.2f} after; the bench ran under
   `nice -n 10` for {seconds / 60:.1f} min at commit {code}. torch {torch.__version__}, transformers {transformers.__version__}.
-- models: LLaMA shapes, random weights (seeded, std 0.02) in bf16, untied head, each with a byte-level
+{f"- note: {note}{chr(10)}" if note else ""}- models: LLaMA shapes, random weights (seeded, std 0.02) in bf16, untied head, each with a byte-level
   BPE tokenizer of its vocabulary trained on the demo corpus (the stdlib docs). Every step runs as the
   pipeline runs it (`loram_core.steps`, `device=cpu`, `prune.dtype=auto` = float32 on the CPU), in a process
   of its own: *s* is the step's wall seconds inside that process (no imports, no input loading that other
