@@ -186,6 +186,37 @@ def test_offline_run_from_a_repo_id_publishes_its_origin_in_the_hf_layout(
         assert torch.equal(stock(ids).logits, load_model(model_dir, dtype=claimed)(ids).logits)
 
 
+def test_loram_run_from_a_repo_id_offline_publishes_its_origin(offline: dict, tmp_path: Path) -> None:
+    """The command a publisher types: `loram run CONFIG base.source=ORG/NAME --until prune` with
+    HF_HUB_OFFLINE=1 (the CLI's preflight, the flow, the publish) names the repo and commit."""
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+
+    from loram_core.bucket import verify_version
+
+    bucket = tmp_path / "bucket"
+    args = [f"base.source={REPO_ID}", f"corpus.paths={offline['corpus']}", "corpus.seq_len=64",
+            "corpus.max_tokens=20000", "corpus.eval_blocks=4", "calibration.samples=4", "device=cpu",
+            f"workdir={tmp_path / 'work'}", f"base.cache_dir={tmp_path / 'cache'}", f"publish.uri=file://{bucket}",
+            "publish.version=v1", "prune.strategy=structured", "prune.keep_first=0", "prune.keep_last=0"]  # fmt: skip
+    # HF_HUB_CACHE and HF_HUB_OFFLINE=1 from the fixture; Prefect's temporary server may take as long
+    # as a busy machine needs to start (no test waits on a clock).
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(10**9)}
+    result = subprocess.run(
+        [sys.executable, "-m", "loram_provider.flows.cli", "run", str(REPO / "configs" / "demo.yaml"), *args,
+         "--until", "prune"], capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = verify_version(f"file://{bucket}/demo-llama/v1")
+    assert (manifest.base["repo_id"], manifest.base["commit"]) == (REPO_ID, offline["commit"])
+    meta = ModelCard.load(bucket / "demo-llama" / "v1" / "README.md").data.to_dict()
+    assert (meta["base_model"], meta["base_model_relation"]) == (REPO_ID, "finetune")
+    config = json.loads((bucket / "demo-llama" / "v1" / "model" / "config.json").read_text())
+    assert "auto_map" not in config and config["intermediate_size"] == 44  # uniform widths: stock
+
+
 def test_offline_without_the_repo_in_the_cache_is_one_preflight_error(offline: dict, tmp_path: Path) -> None:
     cfg = _cfg(offline, tmp_path, "base.source=acme/not-downloaded")
     with pytest.raises(LoramError) as err:
