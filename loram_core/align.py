@@ -495,7 +495,10 @@ def _probe_micro_batch(
     def attempt(size: int) -> None:
         reserve = reserve_memory(reserve_bytes, device)  # where the optimizer's state will be
         try:
-            with gradient_sync(run.model, False):  # the probe is no step: nothing to reduce
+            # DDP: no all-reduce for the probe (its gradients stay in .grad, cleared below). FSDP2
+            # would keep unreduced gradients unsharded in its own state, out of zero_grad's reach
+            # (they would join step 1's): there the probe reduces, as its forward gathers anyway.
+            with gradient_sync(run.model, not isinstance(run.model, nn.parallel.DistributedDataParallel)):
                 _forward_backward(run, probe[:size], size, device)
         finally:
             del reserve

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from tests.conftest import tiny_model
 
-STEPS, BATCH, ACCUM, MICRO = 2, 2, 2, 1  # per rank: 2 accumulation passes x 2 micro-batches per step
+STEPS, BATCH, ACCUM = 2, 4, 2  # per rank: 2 accumulation passes x 2 micro-batches (the probe's 2) per step
 
 
 def _blocks() -> torch.Tensor:
@@ -21,7 +21,7 @@ def _blocks() -> torch.Tensor:
 def _cfg(batch: int, parallel: str = "ddp"):
     from loram_core.config import AlignConfig
 
-    return AlignConfig(steps=STEPS, batch_size=batch, grad_accum=ACCUM, micro_batch_size=MICRO, lr=3e-3,
+    return AlignConfig(steps=STEPS, batch_size=batch, grad_accum=ACCUM, micro_batch_size="auto", lr=3e-3,
                        warmup_steps=0, precision="fp32", log_every=1, loss_chunk_tokens=None,
                        parallel=parallel)  # fmt: skip
 
@@ -37,8 +37,8 @@ def _worker(rank: int, parallel: str, init: str, out: str) -> None:
     reductions = []
     real_wrap = distributed.wrap
 
-    def counting_wrap(model, how, layers):
-        wrapped = real_wrap(model, how, layers)
+    def counting_wrap(model, how, layers, **kwargs):
+        wrapped = real_wrap(model, how, layers, **kwargs)
         if how == "ddp":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -50,12 +50,30 @@ def _worker(rank: int, parallel: str, init: str, out: str) -> None:
         return wrapped
 
     distributed.wrap = counting_wrap
+    # The `auto` probe runs as on a GPU, MemoryError standing for the out-of-memory error of any
+    # pass over 2 samples (raised after the pass's backward): it settles on 2, and its gradients
+    # must not reach step 1, whatever the wrapper keeps them in.
+    import loram_core.align as align
+
+    real_pass = align._forward_backward
+
+    def probed_pass(run, batch, micro, device, scale=1.0, sync=True):
+        loss = real_pass(run, batch, micro, device, scale, sync)
+        if scale == 1.0 and batch.shape[0] > 2:  # a probe pass (training passes scale by 1/ACCUM)
+            raise MemoryError
+        return loss
+
+    align._forward_backward = probed_pass
+    align._micro_batch_size = lambda run, cfg, blocks, device: align._probe_micro_batch(
+        run, cfg, blocks, device, MemoryError
+    )
     model = tiny_model()
     info = distributed.Dist(rank, 2, torch.device("cpu"))
     result = train_causal_lm(model, _blocks(), _cfg(BATCH, parallel), dist_info=info)
     state = distributed.full_model_state(model)
     if rank == 0:
-        torch.save({"agreed": agreed, "reductions": reductions, "state": state, "losses": result.losses}, out)
+        torch.save({"agreed": agreed, "reductions": reductions, "state": state, "losses": result.losses,
+                    "micro": result.micro_batch_size}, out)  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 
@@ -68,8 +86,10 @@ def test_one_reduction_per_step_and_the_single_process_result(tmp_path: Path, pa
     mp.spawn(_worker, args=(parallel, f"file://{tmp_path / 'rdzv'}", str(out)), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
     assert got["agreed"] == 2
+    assert got["micro"] == 2  # what the probe found fits
     if parallel == "ddp":
-        # 4 backward passes per step on each rank, one (single-bucket) all-reduce per step.
+        # 4 backward passes per step on each rank, one (single-bucket) all-reduce per step; the
+        # probe's passes reduce nothing.
         assert len(got["reductions"]) == STEPS and set(got["reductions"]) == {0}
     # The same global batch (2 ranks x 2) in one process: the same weights up to float rounding.
     model = tiny_model()
