@@ -259,7 +259,7 @@ def run_section(name: str, args, base: Path, work: Path, data: Path, calib, held
             base, work, device, ["structured@0.65", "random@0.65"], calib[: args.taylor_calib], heldout
         )
     if name == "prune-7b":
-        return prune_7b(base, work, device, calib, heldout, args.taylor_calib)
+        return prune_7b(base, work, device, calib, heldout, args.taylor_calib, args.shape)
     if name in ("align-eager", "align-compiled"):
         row = align_row(base, device, args.seq, args.batch, args.steps, vocab, name == "align-compiled")
         return {f"ours {name.removeprefix('align-')}": row}
@@ -272,14 +272,16 @@ def run_section(name: str, args, base: Path, work: Path, data: Path, calib, held
     raise SystemExit(f"unknown section {name!r}: one of {', '.join(SECTIONS + ('prune-7b', 'all'))}")
 
 
-def prune_7b(base: Path, work: Path, device: torch.device, calib, heldout, taylor_calib: int) -> dict:
+def prune_7b(
+    base: Path, work: Path, device: torch.device, calib, heldout, taylor_calib: int, shape_name: str
+) -> dict:
     """All four strategies on the 7B shape, one output on disk at a time; Taylor's spills in host memory.
 
     Streamed Taylor keeps every layer's calibration inputs until its backward pass reaches them
     (`loram_core.prune.taylor`); they go to the temporary directory, here /dev/shm (host memory)
     when it has room for them, so the 64 GiB disk holds only the base and one output (GPU.md).
     """
-    shape = SHAPES["7b"]
+    shape = SHAPES[shape_name]  # "7b" on the GPU (any shape runs the logic)
     spill = shape["num_hidden_layers"] * taylor_calib * calib.shape[1] * shape["hidden_size"] * 2
     shm = Path("/dev/shm")
     in_memory = shm.is_dir() and shutil.disk_usage(shm).free > 1.2 * spill

@@ -503,6 +503,7 @@ def _probe_micro_batch(
         finally:
             del reserve
             run.optimizer.zero_grad(set_to_none=True)
+            run.model.zero_grad(set_to_none=True)  # bf16-master: the model's own (bf16) gradients too
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

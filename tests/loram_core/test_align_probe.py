@@ -39,12 +39,14 @@ def test_planned_state_is_what_the_first_step_allocates(optimizer: str) -> None:
     assert planned_state_bytes(opt) == 0  # already held: nothing more to reserve (a resumed run)
 
 
-def test_auto_probe_trains_with_checkpointing_and_reserves_the_state(monkeypatch, caplog) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16-master"])
+def test_auto_probe_trains_with_checkpointing_and_reserves_the_state(monkeypatch, caplog, precision) -> None:
     model = tiny_model()
     blocks = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     cfg = AlignConfig(
-        steps=1, batch_size=8, micro_batch_size="auto", gradient_checkpointing=True, warmup_steps=0
-    )
+        steps=1, batch_size=8, micro_batch_size="auto", gradient_checkpointing=True, warmup_steps=0,
+        precision=precision,
+    )  # fmt: skip
     device = torch.device("cpu")
     run = align._prepare(model, cfg, None, device, blocks.shape[1], {})
     model.eval()  # as the step hands it over: the probe must switch to train mode itself
@@ -72,7 +74,8 @@ def test_auto_probe_trains_with_checkpointing_and_reserves_the_state(monkeypatch
     assert size == 2
     state = 8 * sum(p.numel() for p in run.params) + 4 * len(run.params)
     assert seen == [(8, True, True, state), (4, True, True, state), (2, True, True, state)]
-    assert all(p.grad is None for p in model.parameters())  # the probe's gradients are discarded
+    # The probe's gradients are discarded: the model's (bf16 with masters) and the optimizer's.
+    assert all(p.grad is None for p in model.parameters()) and all(p.grad is None for p in run.params)
     assert "2 of 8 samples per pass" in caplog.text
 
 
