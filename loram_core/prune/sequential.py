@@ -51,7 +51,8 @@ def _hessians(
             if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
                 # Tensor cores on the 16-bit activations, accumulated and returned in float32
                 # (no float32 copy of the activations, no TF32 rounding of the inputs).
-                sums[name] = torch.addmm(sums[name], x.T, x, out_dtype=torch.float32)
+                # (`mm` with `out_dtype` is the documented form: fp32 out of fp16/bf16 inputs.)
+                sums[name].add_(torch.mm(x.T, x, out_dtype=torch.float32))
             else:
                 x = x.float()
                 sums[name].addmm_(x.T, x)
