@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench clean gpu-check gpu-check-dry-run gpu-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The device check on a GPU machine (bench/gpu_check.sh; wheels from `make gpu-wheels`, built here).
+gpu-check:
+	bench/gpu_check.sh
+
+gpu-check-dry-run:
+	bench/gpu_check.sh --dry-run
+
+gpu-wheels:
+	bench/build_gpu_wheels.sh
 
 clean:
 	rm -rf .loram bucket

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, load_model
 from torch import nn
 
 from loram_core.align_checkpoint import clear_checkpoint, find_checkpoint, save_checkpoint, settle
+from loram_core.align_master import MasterWeights
 from loram_core.config import AlignConfig
-from loram_core.distributed import Dist
+from loram_core.distributed import Dist, gradient_sync
 from loram_core.errors import LoramError
 from loram_core.loss import causal_lm_loss
 from loram_core.models import set_activation_checkpointing
@@ -49,6 +50,8 @@ class TrainResult:
     resumed_from: int | None = None
     flops_per_token: float = 0.0  # training FLOPs per token (see loram_core.loss.training_flops_per_token)
     mfu: float | None = None
+    micro_batch_size: int = 0  # samples per forward/backward pass (what `auto` chose)
+    probe_seconds: float = 0.0  # the `auto` probe: not in `seconds`
 
     @property
     def tokens_per_second(self) -> float:
@@ -57,7 +60,8 @@ class TrainResult:
     def to_dict(self) -> dict:
         return {"losses": self.losses, "tokens": self.tokens, "seconds": self.seconds,
                 "tokens_per_s": self.tokens_per_second, "resumed_from": self.resumed_from,
-                "flops_per_token": self.flops_per_token, "mfu": self.mfu}  # fmt: skip
+                "flops_per_token": self.flops_per_token, "mfu": self.mfu,
+                "micro_batch_size": self.micro_batch_size, "probe_seconds": self.probe_seconds}  # fmt: skip
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
@@ -96,8 +100,11 @@ def _epoch_perm(epoch: int, n_blocks: int, seed: int) -> torch.Tensor:
 
 
 def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast where asked (or `auto` on a device with bf16 support), else nothing."""
-    use_bf16 = precision == "bf16" or (
+    """bf16 autocast where asked (or `auto` on a device with bf16 support), else nothing.
+
+    With `bf16-master` the trained weights are bf16 already; autocast casts the frozen ones.
+    """
+    use_bf16 = precision in ("bf16", "bf16-master") or (
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -189,7 +196,8 @@ def _save_checkpoint(ckpt_dir: Path, run: _Run, step: int, result: TrainResult) 
         "rng": torch.get_rng_state(),
     }
     trainer = {"step": step, "losses": result.losses, "tokens": result.tokens, "seconds": result.seconds}
-    save_checkpoint(ckpt_dir, run.model, state, trainer, model_state)
+    with run.master.fp32_params() if run.master is not None else nullcontext():  # the masters are the state
+        save_checkpoint(ckpt_dir, run.model, state, trainer, model_state)
     if run.dist_info is not None:
         torch.distributed.barrier()
 
@@ -241,6 +249,7 @@ def train_causal_lm(
     result = TrainResult(steps=cfg.steps, flops_per_token=run.flops_per_token)
     start_step = _resume(ckpt_dir, run, result, device)
     micro = _micro_batch_size(run, cfg, train_blocks, device)
+    result.micro_batch_size, result.probe_seconds = micro, run.probe_seconds
     model = run.model
     model.train()
     n_blocks, seq_len = train_blocks.shape
@@ -253,7 +262,8 @@ def train_causal_lm(
         for accum in range(cfg.grad_accum):
             first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
-            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum)
+            last = accum == cfg.grad_accum - 1  # only the step's last pass reduces across ranks
+            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum, last)
         grad_norm = _optimizer_step(run, cfg)
         result.tokens += per_step * seq_len
         if run.dist_info is not None:
@@ -274,6 +284,8 @@ def train_causal_lm(
         if stopping:
             break
     result.mfu = _mfu(result, run)
+    if run.master is not None:
+        run.master.finish()  # the trained weights are the fp32 masters again
     model.eval()
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(run.inner, False)
@@ -297,6 +309,8 @@ class _Run:
     flops_per_token: float
     peak_flops: float | None
     pruned: dict[str, torch.Tensor]  # parameter name -> bool mask of its pruned positions (sparse)
+    probe_seconds: float = 0.0  # the micro_batch_size=auto probe (not training time)
+    master: MasterWeights | None = None  # precision=bf16-master in one process: fp32 masters
 
 
 def _prepare(
@@ -320,8 +334,11 @@ def _prepare(
     flops_per_token = training_flops_per_token(model, seq_len)
     inner = model
     rank, world = (dist_info.rank, dist_info.world) if dist_info is not None else (0, 1)
+    master = None
     if world == 1:
         dist_info = None
+        if cfg.precision == "bf16-master":
+            master = MasterWeights(model)  # trained weights bf16 from here on, fp32 masters beside them
     else:
         from loram_core.distributed import wrap
 
@@ -330,11 +347,21 @@ def _prepare(
                 "align.parallel=fsdp shards every weight; sparse masks and FLoRA need whole matrices. "
                 "Use align.parallel=ddp for sparse strategies or align.optimizer=flora."
             )
-        model = wrap(model, cfg.parallel, decoder_layers(model))  # DDP: `inner` stays the module
+        if cfg.precision == "bf16-master" and cfg.parallel == "ddp":
+            log.warning("align.precision=bf16-master under DDP trains fp32 weights with bf16 autocast "
+                        "(the fp32-master scheme is single-process or FSDP2's mixed precision).")  # fmt: skip
+        # FSDP2 computes in bf16 from fp32 sharded weights (its own masters), reducing in fp32.
+        bf16 = cfg.precision in ("bf16", "bf16-master") or (
+            cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        model = wrap(model, cfg.parallel, decoder_layers(model), bf16=bf16)  # DDP: `inner` stays the module
     if cfg.compile:
         for layer in decoder_layers(inner):
             layer.compile()  # regional: each layer once, shapes are static (packed blocks)
     params = [p for p in model.parameters() if p.requires_grad]
+    opt_of = {p: p for p in params}
+    if master is not None:  # the optimizer steps the masters; the model's bf16 copies follow them
+        params, opt_of = master.masters, master.master_of()
     optimizer = build_optimizer(
         cfg.optimizer,
         params,
@@ -346,14 +373,14 @@ def _prepare(
         fused=device.type == "cuda",
         # FLoRA keeps its statistics over kept positions only (AdamW needs nothing: zero gradients
         # leave its moments zero).
-        masks={named[name]: ~where for name, where in pruned.items()},
+        masks={opt_of[named[name]]: ~where for name, where in pruned.items()},
     )
     schedule = cosine_with_warmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # The chunked loss calls the decoder and head directly, which DDP/FSDP wrappers must see.
     chunk_tokens = cfg.loss_chunk_tokens if dist_info is None else None
     return _Run(model, inner, params, optimizer, scheduler, dist_info, rank, world, chunk_tokens,
-                cfg.precision, flops_per_token, peak_flops(device), pruned)  # fmt: skip
+                cfg.precision, flops_per_token, peak_flops(device), pruned, master=master)  # fmt: skip
 
 
 def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch.device) -> int:
@@ -370,6 +397,8 @@ def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch
     state = torch.load(found / "state.pt", weights_only=True)
     if run.dist_info is None:
         load_model(run.model, str(found / "model.safetensors"), device=str(device))
+        if run.master is not None:
+            run.master.load(load_file(str(found / "model.safetensors"), device=str(device)))
         run.optimizer.load_state_dict(state["optimizer"])
     else:
         from loram_core.distributed import load_full_state
@@ -386,20 +415,25 @@ def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch
 
 
 def _forward_backward(
-    run: _Run, batch: torch.Tensor, micro: int, device: torch.device, scale: float = 1.0
-) -> float:
+    run: _Run, batch: torch.Tensor, micro: int, device: torch.device, scale: float = 1.0,
+    sync: bool = True,
+) -> float:  # fmt: skip
     """Accumulate the gradients of `scale` x `batch`'s mean loss, `micro` samples per pass.
 
     `scale` is `1 / grad_accum`, so an optimizer step's passes sum to the gradient of the mean over
-    all its samples. Returns the scaled loss (the passes of a step sum to the step's mean loss).
+    all its samples. Under torchrun only the last micro-batch's backward reduces gradients across
+    ranks, and only with `sync` (the step's last accumulation pass). Returns the scaled loss (the
+    passes of a step sum to the step's mean loss).
     """
     total = 0.0
-    for start in range(0, batch.shape[0], micro):
+    starts = range(0, batch.shape[0], micro)
+    for start in starts:
         ids = batch[start : start + micro].to(device=device, dtype=torch.long, non_blocking=True)
         share = ids.shape[0] / batch.shape[0] * scale  # the micro-batches sum to scale x the batch mean
-        with autocast_context(run.precision, device):
-            loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
-        loss.backward()
+        with gradient_sync(run.model, sync and start == starts[-1]):
+            with autocast_context(run.precision, device):
+                loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+            loss.backward()
         total += loss.item()
     return total
 
@@ -412,6 +446,8 @@ def _optimizer_step(run: _Run, cfg: AlignConfig) -> torch.Tensor:
     """
     if run.pruned:
         mask_gradients(run.inner, run.pruned)
+    if run.master is not None:
+        run.master.gradients_to_masters()  # clipping and the step see fp32 gradients
     if cfg.max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     else:
@@ -419,6 +455,8 @@ def _optimizer_step(run: _Run, cfg: AlignConfig) -> torch.Tensor:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    if run.master is not None:
+        run.master.masters_to_params()
     if run.pruned:
         params = dict(run.inner.named_parameters())
         with torch.no_grad():
@@ -430,8 +468,10 @@ def _optimizer_step(run: _Run, cfg: AlignConfig) -> torch.Tensor:
 def _micro_batch_size(run: _Run, cfg: AlignConfig, blocks: torch.Tensor, device: torch.device) -> int:
     """Samples per forward/backward: `micro_batch_size`, or with `auto` the largest that fits on the GPU.
 
-    `auto` tries a forward and backward of the full batch, then halves it after each out-of-memory
-    error; the gradients of the probe are discarded. On the CPU `auto` is the whole batch.
+    `auto` tries a training pass of the full batch (train mode, checkpointing as configured, the
+    optimizer state it will hold reserved: `loram_core.align_probe`), then halves it after each
+    out-of-memory error; the probe's gradients are discarded. Under torchrun every rank takes the
+    smallest size any rank found. On the CPU `auto` is the whole batch.
     """
     if cfg.micro_batch_size is None:
         return cfg.batch_size
@@ -439,23 +479,52 @@ def _micro_batch_size(run: _Run, cfg: AlignConfig, blocks: torch.Tensor, device:
         return min(cfg.micro_batch_size, cfg.batch_size)
     if device.type != "cuda":
         return cfg.batch_size
-    size = cfg.batch_size
+    return _probe_micro_batch(run, cfg, blocks, device, torch.cuda.OutOfMemoryError)
+
+
+def _probe_micro_batch(
+    run: _Run, cfg: AlignConfig, blocks: torch.Tensor, device: torch.device, oom: type[BaseException]
+) -> int:
+    """The `auto` probe itself (any device; `oom` is the error a pass that does not fit raises)."""
+    from loram_core.align_probe import halve_until_it_fits, planned_state_bytes, reserve_memory
+
+    run.model.train()  # as training runs: checkpointing (set in _prepare) recomputes only in train mode
     probe = blocks[: cfg.batch_size]
-    while True:
+    reserve_bytes = planned_state_bytes(run.optimizer)
+
+    def attempt(size: int) -> None:
+        reserve = reserve_memory(reserve_bytes, device)  # where the optimizer's state will be
         try:
-            _forward_backward(run, probe[:size], size, device)
-            return size
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
-                raise LoramError(
-                    "one sample of align.batch_size does not fit in GPU memory; set "
-                    "align.gradient_checkpointing=true, lower corpus.seq_len, or use more GPUs "
-                    "(align.nproc_per_node)."
-                ) from None
-            size //= 2
+            # DDP: no all-reduce for the probe (its gradients stay in .grad, cleared below). FSDP2
+            # would keep unreduced gradients unsharded in its own state, out of zero_grad's reach
+            # (they would join step 1's): there the probe reduces, as its forward gathers anyway.
+            with gradient_sync(run.model, not isinstance(run.model, nn.parallel.DistributedDataParallel)):
+                _forward_backward(run, probe[:size], size, device)
         finally:
+            del reserve
             run.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            run.model.zero_grad(set_to_none=True)  # bf16-master: the model's own (bf16) gradients too
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    size = halve_until_it_fits(cfg.batch_size, attempt, oom)
+    if run.dist_info is not None:
+        from loram_core.distributed import min_over_ranks
+
+        size = min_over_ranks(size)  # ranks must split each batch alike; 0 anywhere fails everywhere
+    run.probe_seconds = time.perf_counter() - t0
+    if size == 0:
+        raise LoramError(
+            "one sample of align.batch_size does not fit in GPU memory beside the optimizer state; set "
+            "align.gradient_checkpointing=true, lower corpus.seq_len, use align.optimizer=flora, or use "
+            "more GPUs (align.nproc_per_node with align.parallel=fsdp)."
+        )
+    log.info(
+        "align.micro_batch_size=auto: %d of %d samples per pass (optimizer state reserved: %.2f GiB; "
+        "probe %.1f s)", size, cfg.batch_size, reserve_bytes / 2**30, run.probe_seconds,
+    )  # fmt: skip
+    return size
 
 
 def _mfu(result: TrainResult, run: _Run) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         final = load_model(args.pruned)  # a plain (unwrapped) copy to save from
         final.load_state_dict(model_sd if model_sd is not None else model.state_dict())
         save_pretrained_as(final, args.out, getattr(torch, args.dtype))
-        (Path(args.out) / "train_result.json").write_text(json.dumps(result.to_dict()))
+        # The GPUs this process group was given (torchrun_env), for the launcher to record and check.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        (Path(args.out) / "train_result.json").write_text(
+            json.dumps({**result.to_dict(), "cuda_visible_devices": visible})
+        )
     if info.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

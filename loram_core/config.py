@@ -391,8 +391,10 @@ class AlignConfig(_Section):
     flora_kappa: int = Field(100, ge=1, description="FLoRA resamples its projection every kappa steps.")
     freeze_lm_head: bool = True
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="`auto`: bf16 autocast where the device supports it, else fp32."
+    precision: Literal["auto", "fp32", "bf16", "bf16-master"] = Field(
+        "auto",
+        description="`auto`: bf16 autocast where the device supports it, else fp32; `bf16-master`: trained "
+        "weights stored in bf16, the optimizer stepping fp32 master copies (FSDP2: bf16 compute, fp32 reduce).",
     )
     micro_batch_size: int | Literal["auto"] | None = Field(
         None,

@@ -19,19 +19,30 @@ if TYPE_CHECKING:
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. Matched against
-# `torch.cuda.get_device_name` in order; `LORAM_PEAK_TFLOPS` overrides for any other GPU.
-_PEAK_BF16: tuple[tuple[str, float], ...] = (
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.4e12),  # SXM and NVL
-    ("GH200", 989.4e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362.1e12),
-    ("A10G", 70e12),
-    ("L4", 121e12),
-)
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU. A device name
+# (`torch.cuda.get_device_name`, e.g. "NVIDIA H100 NVL") takes the peak of the longest key it
+# contains, so "L40" is not read as "L4", nor "H200 NVL" as "H200"; `LORAM_PEAK_TFLOPS` overrides
+# for any other GPU.
+_PEAK_BF16: dict[str, float] = {
+    "H200 NVL": 835e12,
+    "H200": 989.4e12,  # SXM
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989.4e12,  # SXM ("H100 80GB HBM3")
+    "GH200": 989.4e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362.05e12,
+    "L40": 181.05e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
+
+
+def peak_for_name(name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of the GPU called `name`: the longest table key it contains."""
+    keys = [key for key in _PEAK_BF16 if key in name]
+    return _PEAK_BF16[max(keys, key=len)] if keys else None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -107,8 +118,7 @@ def peak_flops(device: torch.device) -> float | None:
         return float(override) * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAK_BF16 if key in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def synchronize(device: torch.device) -> None:

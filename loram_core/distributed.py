@@ -7,7 +7,9 @@ format (a run may resume on a different number of processes).
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,16 +47,25 @@ def setup() -> Dist:
     return Dist(dist.get_rank(), world, device)
 
 
-def wrap(model: nn.Module, parallel: str, decoder_layers: nn.ModuleList) -> nn.Module:
-    """DDP (replicated weights) or FSDP2 (weights, grads and optimizer state sharded per layer)."""
+def wrap(model: nn.Module, parallel: str, decoder_layers: nn.ModuleList, bf16: bool = False) -> nn.Module:
+    """DDP (replicated weights) or FSDP2 (weights, grads and optimizer state sharded per layer).
+
+    With `bf16`, FSDP2 keeps the fp32 shards (the optimizer's masters), gathers them as bf16 for
+    compute and reduce-scatters gradients in fp32 (`MixedPrecisionPolicy`); DDP is unchanged
+    (fp32 weights under bf16 autocast, fp32 gradients reduced).
+    """
     if parallel == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     if parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        )
+        kwargs = {"mp_policy": policy} if policy is not None else {}
         for layer in decoder_layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
         return model
     raise LoramError(f"align.parallel={parallel!r} is not one of 'ddp', 'fsdp'.")
 
@@ -118,3 +129,44 @@ def mean_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=reduction_device(dist.get_backend()))
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest `value` of all ranks (the value itself outside a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=reduction_device(dist.get_backend()))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Let a backward pass reduce gradients across ranks only when `enabled`.
+
+    Micro-batches and accumulation passes before a step's last one accumulate their gradients
+    locally; the last one reduces the sum once (DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync`). With FSDP2 the skipped passes hold unsharded gradients until
+    the last one reduce-scatters them: the price of one reduction per step instead of one per pass.
+    Any other module (one process) is left alone.
+
+    Args:
+        model: the model as the loop holds it (a DDP wrapper, an FSDP2-sharded module, or plain).
+        enabled: whether this backward pass reduces.
+    """
+    if enabled:
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    setter = getattr(model, "set_requires_gradient_sync", None)  # FSDP2's FSDPModule
+    if setter is None:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)

@@ -22,7 +22,7 @@ from loram_core.device import default_dtype
 from loram_core.models import LINEAR_NAMES, Family, family_of, layer_linears, load_config
 from loram_core.prune.masks import Masks
 from loram_core.prune.owl import dense_outlier_ratios, owl_layer_ratios
-from loram_core.prune.sparse import magnitude, sparsegpt, wanda
+from loram_core.prune.sparse import BLOCK_GRAPHS, magnitude, sparsegpt, wanda
 from loram_core.prune.streaming import CALIB_BATCH, Activations, capture_layer_inputs, stream_layers
 
 
@@ -47,8 +47,15 @@ def _hessians(
 
     def make_hook(name):
         def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name].addmm_(x.T, x)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+                # Tensor cores on the 16-bit activations, accumulated and returned in float32
+                # (no float32 copy of the activations, no TF32 rounding of the inputs).
+                # (`mm` with `out_dtype` is the documented form: fp32 out of fp16/bf16 inputs.)
+                sums[name].add_(torch.mm(x.T, x, out_dtype=torch.float32))
+            else:
+                x = x.float()
+                sums[name].addmm_(x.T, x)
             counts[name] += x.shape[0]
 
         return hook
@@ -69,7 +76,12 @@ TRUE_SEQUENTIAL: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate"
 
 
 def _solve(
-    weight: torch.Tensor, hessian: torch.Tensor, cfg: PruneConfig, ratio: float, owned: bool = False
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    cfg: PruneConfig,
+    ratio: float,
+    owned: bool = False,
+    segments: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_m = tuple(cfg.n_m) if cfg.strategy == "semi" else None
     if cfg.sparse_method == "sparsegpt":
@@ -82,10 +94,26 @@ def _solve(
             blocksize=cfg.blocksize,
             overwrite_hessian=owned,
             overwrite_weight=True,
+            segments=segments,
         )
     if cfg.sparse_method == "wanda":
         return wanda(weight, hessian, ratio, n_m)
     return magnitude(weight, ratio, n_m)
+
+
+def _solve_stacked(
+    weights: list[torch.Tensor], hessian: torch.Tensor, cfg: PruneConfig, ratio: float, owned: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SparseGPT of matrices that share one input (q/k/v, gate/up) as one row-wise stacked matrix.
+
+    One factorization of the shared Hessian and one column loop over all their rows, instead of
+    one per matrix; rows do not interact in SparseGPT, and the unstructured mask is chosen per
+    matrix (`segments`), so each result is the one its own solve gives.
+    """
+    rows = tuple(w.shape[0] for w in weights)
+    new_w, keep = _solve(torch.cat([w.float() for w in weights]), hessian, cfg, ratio, owned, rows)
+    # Clones: each mask is stored (and saved) on its own, not as a view of the stacked one.
+    return [(w, k.clone()) for w, k in zip(new_w.split(rows), keep.split(rows), strict=True)]
 
 
 def prune_layer(
@@ -95,7 +123,8 @@ def prune_layer(
 
     By default every linear is calibrated on the layer's dense forward pass (one pass); with
     `cfg.true_sequential` the groups of `TRUE_SEQUENTIAL` are pruned in turn, each calibrated by
-    a pass through the layer whose earlier groups are already pruned (four passes).
+    a pass through the layer whose earlier groups are already pruned (four passes). With
+    SparseGPT, linears sharing an input are solved stacked (`_solve_stacked`).
     """
     groups = TRUE_SEQUENTIAL if cfg.true_sequential else (LINEAR_NAMES,)
     keep: dict[str, torch.Tensor] = {}
@@ -106,6 +135,16 @@ def prune_layer(
             tuple(getattr(family, n) for n in group if n in names) for group in family.shared_inputs
         )
         hessians = _hessians(layer, linears, inputs, tuple(g for g in shared if g))
+        if cfg.sparse_method == "sparsegpt":
+            for group in [g for g in shared if len(g) > 1]:
+                hessian = hessians.pop(group[0])
+                for other in group[1:]:
+                    hessians.pop(other)
+                owned = all(h is not hessian for h in hessians.values())
+                results = _solve_stacked([linears[p].weight.data for p in group], hessian, cfg, ratio, owned)
+                del hessian
+                for path, (new_w, keep[path]) in zip(group, results, strict=True):
+                    linears.pop(path).weight.data.copy_(new_w)
         for path, lin in linears.items():
             hessian = hessians.pop(path)
             owned = all(h is not hessian for h in hessians.values())  # no other linear still needs it
@@ -171,6 +210,7 @@ def prune_sparse(
     if cfg.layerwise == "owl":
         config.loram.update(owl_m=cfg.owl_m, owl_lambda=cfg.owl_lambda, owl_outlier_ratios=outliers)
     config.save_pretrained(out_dir)
+    BLOCK_GRAPHS.clear()  # the captured block graphs (GPU) and their memory pools
     return masks
 
 

@@ -62,7 +62,9 @@ def evaluate(
     if nf4_dir is not None:
         name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
-        metrics[name] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs)
+        # The same dtype for the side modules (embeddings, norms, head) as the other models get;
+        # the 4-bit linears compute in their own compute dtype (`quantize.compute_dtype`).
+        metrics[name] = perplexity(load_model(nf4_dir, dtype=dtype, device_map=str(device)), heldout, bs)
         seconds[name] = round(time.perf_counter() - t0, 3)
     if aligned:
         damage = metrics["pruned_ppl"] - metrics["original_ppl"]

@@ -16,9 +16,9 @@ def recorded_hessians(monkeypatch):
     seen: list[torch.Tensor] = []
     solve = sequential._solve
 
-    def recording(weight, hessian, cfg, ratio, owned=False):
+    def recording(weight, hessian, cfg, ratio, owned=False, segments=None):
         seen.append(hessian.clone())
-        return solve(weight, hessian, cfg, ratio, owned)
+        return solve(weight, hessian, cfg, ratio, owned, segments)
 
     monkeypatch.setattr(sequential, "_solve", recording)
     return seen
@@ -49,10 +49,11 @@ def test_true_sequential_calibrates_o_gate_up_down_on_the_pruned_earlier_groups(
         tiny_checkpoint, tmp_path / "seq", cfg.model_copy(update={"true_sequential": True}), calib
     )
     seq = list(recorded_hessians)
-    order = ["q", "k", "v", "o", "gate", "up", "down"]  # both modes solve in this order
-    assert len(plain) == len(seq) == 7
+    # Both modes solve in this order; q/k/v and gate/up, sharing an input, as one stacked matrix each.
+    order = ["qkv", "o", "gate_up", "down"]
+    assert len(plain) == len(seq) == 4
     for name, h_plain, h_seq in zip(order, plain, seq, strict=True):
-        if name in ("q", "k", "v"):  # the layer's input: nothing in the layer is pruned before it
+        if name == "qkv":  # the layer's input: nothing in the layer is pruned before it
             torch.testing.assert_close(h_seq, h_plain, rtol=0, atol=0)
         else:
             assert (h_seq - h_plain).abs().max() > 1e-3 * h_plain.abs().max(), name
@@ -62,13 +63,13 @@ def test_true_sequential_calibrates_o_gate_up_down_on_the_pruned_earlier_groups(
     attn, pruned_attn = dense.model.layers[0].self_attn, pruned.model.layers[0].self_attn
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(attn, name).weight.data.copy_(getattr(pruned_attn, name).weight.data)
-    torch.testing.assert_close(seq[3], _inputs_of(attn.o_proj, dense, calib), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seq[1], _inputs_of(attn.o_proj, dense, calib), rtol=1e-4, atol=1e-5)
     # down saw gate/up pruned too (and the pruned attention before them).
     attn.o_proj.weight.data.copy_(pruned_attn.o_proj.weight.data)
     mlp, pruned_mlp = dense.model.layers[0].mlp, pruned.model.layers[0].mlp
     for name in ("gate_proj", "up_proj"):
         getattr(mlp, name).weight.data.copy_(getattr(pruned_mlp, name).weight.data)
-    torch.testing.assert_close(seq[6], _inputs_of(mlp.down_proj, dense, calib), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seq[3], _inputs_of(mlp.down_proj, dense, calib), rtol=1e-4, atol=1e-5)
     # Masks stay 2:4 in both modes, and the modes choose differently.
     for m in (masks, seq_masks):
         for name, keep in m.keep_masks().items():
