@@ -1,11 +1,12 @@
-"""Alignment: full-parameter continual pre-training (next-token loss) of a pruned model.
+"""Alignment: full-parameter training of a pruned model, by next-token loss or from a teacher.
 
 The loop reads top to bottom: pick the step's blocks from a seeded order, forward/backward with
 gradient accumulation, clip, step, re-apply sparse masks, schedule the learning rate, report,
 checkpoint. A checkpoint holds everything a resumed run needs (weights, optimizer, scheduler, RNG,
 step — the data position follows from the step), written atomically, so a run killed at any
 moment continues from the last checkpoint and follows the uninterrupted run's trajectory.
-The same loop pretrains the demo base model.
+The same loop pretrains the demo base model. With a `Distiller` (`align.objective: kd | cpt+kd`,
+`loram_core.distill`) each micro-batch's loss is the distillation objective instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, load_model
@@ -30,6 +32,9 @@ from loram_core.errors import LoramError
 from loram_core.loss import causal_lm_loss
 from loram_core.models import set_activation_checkpointing
 from loram_core.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from loram_core.distill import Distiller
 
 __all__ = ["TrainResult", "apply_masks", "clear_checkpoint", "cosine_with_warmup", "freeze_head",
            "mask_gradients", "sample_positions", "train_causal_lm"]  # fmt: skip
@@ -204,8 +209,9 @@ def train_causal_lm(
     progress: ProgressFn | None = None,
     stop_after: int | None = None,
     dist_info: Dist | None = None,
+    distiller: Distiller | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `train_blocks` with the next-token loss.
+    """Train `model` in place on `train_blocks` with the next-token loss (or `distiller`'s objective).
 
     Each optimizer step averages the gradient over its `batch_size * grad_accum` samples (on every
     process: `* world`), as Hugging Face's Trainer does, so `max_grad_norm` clips that mean whatever
@@ -229,6 +235,9 @@ def train_causal_lm(
             (`cfg.parallel`) and each rank trains on its slice of every global batch. Checkpoints
             hold full state dicts, so a run resumes on any number of processes (but a checkpoint
             of an in-process run is not one of a distributed run, and vice versa).
+        distiller: the `kd` / `cpt+kd` objective (`loram_core.distill.make_distiller`): its loss replaces
+            the next-token loss; its top-k cache, if any, is indexed by the blocks' positions in
+            `train_blocks`. None: the next-token loss.
 
     Returns:
         The loss history and throughput.
@@ -237,6 +246,7 @@ def train_causal_lm(
     # Moved once, not at every step; held inverted (pruned = True) for in-place masked_fill_.
     pruned = {name: ~m.to(device, torch.bool) for name, m in masks.items()} if masks else {}
     run = _prepare(model, cfg, dist_info, device, train_blocks.shape[1], pruned)
+    run.distiller = distiller
     ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     result = TrainResult(steps=cfg.steps, flops_per_token=run.flops_per_token)
     start_step = _resume(ckpt_dir, run, result, device)
@@ -253,7 +263,7 @@ def train_causal_lm(
         for accum in range(cfg.grad_accum):
             first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
-            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum)
+            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum, idx)
         grad_norm = _optimizer_step(run, cfg)
         result.tokens += per_step * seq_len
         if run.dist_info is not None:
@@ -297,6 +307,7 @@ class _Run:
     flops_per_token: float
     peak_flops: float | None
     pruned: dict[str, torch.Tensor]  # parameter name -> bool mask of its pruned positions (sparse)
+    distiller: Distiller | None = None  # the kd / cpt+kd objective; None: the next-token loss
 
 
 def _prepare(
@@ -386,19 +397,29 @@ def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch
 
 
 def _forward_backward(
-    run: _Run, batch: torch.Tensor, micro: int, device: torch.device, scale: float = 1.0
+    run: _Run,
+    batch: torch.Tensor,
+    micro: int,
+    device: torch.device,
+    scale: float = 1.0,
+    positions: torch.Tensor | None = None,
 ) -> float:
     """Accumulate the gradients of `scale` x `batch`'s mean loss, `micro` samples per pass.
 
     `scale` is `1 / grad_accum`, so an optimizer step's passes sum to the gradient of the mean over
     all its samples. Returns the scaled loss (the passes of a step sum to the step's mean loss).
+    `positions` are the batch's indices in the training blocks (a top-k teacher cache's rows).
     """
     total = 0.0
     for start in range(0, batch.shape[0], micro):
         ids = batch[start : start + micro].to(device=device, dtype=torch.long, non_blocking=True)
         share = ids.shape[0] / batch.shape[0] * scale  # the micro-batches sum to scale x the batch mean
         with autocast_context(run.precision, device):
-            loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+            if run.distiller is None:
+                loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+            else:
+                rows = None if positions is None else positions[start : start + micro]
+                loss = run.distiller.loss(run.model, ids, rows, run.chunk_tokens) * share
         loss.backward()
         total += loss.item()
     return total
