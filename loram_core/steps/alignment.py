@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
@@ -21,6 +22,9 @@ from loram_core.steps._common import Progress, commit, compute_device, step_dir,
 from loram_core.steps.pruning import sparse_masks
 from loram_core.steps.teacher import announce_plan, distiller_for, require_base, topk_cache
 from loram_core.steps.torchrun import DEADLINE_FIX, align_torchrun, deadline_s
+
+if TYPE_CHECKING:
+    import torch
 
 
 def align(
@@ -51,19 +55,7 @@ def align(
     config = load_config(pruned_dir)
     dtype = published_dtype(config, ctx.dtype)
     distilling = uses_teacher(align)
-    # A deadline does not change the result; nor do the distillation keys under `cpt` (so `cpt` work
-    # dirs made before they existed keep their keys).
-    exclude = {"deadline_minutes", *(() if distilling else KD_KEYS)}
-    key = {
-        "align": align.model_dump(exclude=exclude),
-        "pruned": pruned_dir,
-        "corpus": blocks_file,
-        "device": device.type,
-        "dtype": str(dtype),
-    }
-    if distilling:
-        key["teacher"] = require_base(align, base_dir)
-    out = step_dir(ctx, "align", key)
+    out = step_dir(ctx, "align", align_key(align, pruned_dir, blocks_file, device.type, dtype, base_dir))
     if (out / "config.json").is_file():
         return str(out)
     if not align.enabled:
@@ -98,6 +90,32 @@ def align(
     clear_checkpoint(work)
     shutil.rmtree(work, ignore_errors=True)
     return str(out)
+
+
+def align_key(
+    align: AlignConfig,
+    pruned_dir: str,
+    blocks_file: str,
+    device_type: str,
+    dtype: torch.dtype,
+    base_dir: str | None = None,
+) -> dict:
+    """What the align step's output depends on: its work dir is `align-<fingerprint of this>`.
+
+    A deadline does not change the result; nor do the distillation keys under `cpt`, so `cpt` work
+    dirs made before those keys existed keep their keys. `kd` and `cpt+kd` add the teacher.
+    """
+    distilling = uses_teacher(align)
+    key = {
+        "align": align.model_dump(exclude={"deadline_minutes", *(() if distilling else KD_KEYS)}),
+        "pruned": pruned_dir,
+        "corpus": blocks_file,
+        "device": device_type,
+        "dtype": str(dtype),
+    }
+    if distilling:
+        key["teacher"] = require_base(align, base_dir)
+    return key
 
 
 def _seq_len(blocks_file: str) -> int:
