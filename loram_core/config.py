@@ -114,7 +114,19 @@ class PruneConfig(_Section):
         None, ge=0, description="Trailing layers left dense; default 2 (structured) or 0 (sparse)."
     )
     importance: Literal["param_first", "vector", "param_second", "param_mix"] = Field(
-        "param_first", description="Taylor estimator for `structured` (LLM-Pruner's names)."
+        "param_first",
+        description="Taylor estimator for `structured` (LLM-Pruner's `--taylor`; `vector` is its `vectorize`).",
+    )
+    group_reduction: Literal["sum", "mean", "max", "prod", "first"] = Field(
+        "sum",
+        description="How `structured` combines the per-channel scores of a coupled group's linears (LLM-Pruner's "
+        "`--grouping_strategy`, default sum); `first` takes the group's root (gate, and k with GQA or q without).",
+    )
+    round_to: int = Field(
+        1,
+        ge=1,
+        description="Structured strategies: kept MLP widths rounded down to a multiple of this (Torch-Pruning's "
+        "`round_to`; 64 or 128 suit tensor cores); 1 keeps the paper's counts. Heads are whole already.",
     )
     sparse_method: Literal["sparsegpt", "wanda", "magnitude"] = Field(
         "sparsegpt", description="Solver for `semi` and `unstructured`; wanda and magnitude are baselines."
@@ -130,6 +142,22 @@ class PruneConfig(_Section):
     )
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
+    true_sequential: bool = Field(
+        False,
+        description="Sparse strategies: within a layer prune q/k/v, then o, then gate/up, then down, each group "
+        "calibrated on inputs recomputed through the already pruned ones (SparseGPT's `--true-sequential`).",
+    )
+    layerwise: Literal["uniform", "owl"] = Field(
+        "uniform",
+        description="`unstructured` only: `uniform` prunes every layer at `ratio`; `owl` gives layers with more "
+        "outlier Wanda scores a lower ratio (OWL, Yin et al. 2023), averaging to `ratio` over the pruned layers.",
+    )
+    owl_m: float = Field(
+        5.0, gt=0, description="OWL's M: a Wanda score above M x its layer's mean score is an outlier."
+    )
+    owl_lambda: float = Field(
+        0.08, gt=0, lt=0.5, description="OWL's lambda: each layer's ratio stays within `ratio` +- this."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Weights' dtype while pruning (and of the pruned checkpoint); `auto`: bfloat16 on a "
@@ -149,6 +177,24 @@ class PruneConfig(_Section):
     @classmethod
     def _n_m_forms(cls, value: Any) -> Any:
         return parse_n_m(value)
+
+    @model_validator(mode="after")
+    def _owl_needs_unstructured(self) -> PruneConfig:
+        if self.layerwise != "owl":
+            return self
+        if self.strategy != "unstructured":
+            raise ValueError(
+                f"prune.layerwise=owl gives each layer its own sparsity ratio, which only the `unstructured` "
+                f"strategy has (prune.strategy={self.strategy!r}: n:m patterns and structured widths are fixed); "
+                "set prune.strategy=unstructured or prune.layerwise=uniform"
+            )
+        if self.ratio - self.owl_lambda <= 0 or self.ratio + self.owl_lambda >= 1:
+            raise ValueError(
+                f"prune.layerwise=owl moves each layer's ratio by up to prune.owl_lambda={self.owl_lambda} around "
+                f"prune.ratio={self.ratio}, which leaves (0, 1); lower prune.owl_lambda below "
+                f"{min(self.ratio, 1 - self.ratio):g}"
+            )
+        return self
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """The `[start, stop)` range of decoder layers this config prunes."""
