@@ -260,8 +260,8 @@ def plan(
     """
     from loram_core.config import load_config, parse_config
     from loram_core.demo import base_model_config
+    from loram_core.prune.plan import loading, read_model_config
     from loram_core.prune.plan import plan as make_plan
-    from loram_core.prune.plan import read_model_config
 
     options = {"strategy": strategy, "ratio": ratio, "keep_first": keep_first, "keep_last": keep_last,
                "round_to": round_to}  # fmt: skip
@@ -277,10 +277,11 @@ def plan(
                      "keep_first": keep_first, "keep_last": keep_last, "round_to": round_to or 1}  # fmt: skip
         prune_cfg = parse_config({"prune": prune}, source="command-line options").prune
         p = make_plan(model_config, prune_cfg)
+        how = loading(model_config, prune_cfg)
     except LoramError as err:
         _fail(err)
     if as_json:
-        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**p.to_dict(), "loading": how}, indent=2) + "\n")
         return
     table = Table(title=f"{prune_cfg.strategy} at {prune_cfg.ratio}")
     for col in ("layer", "heads", "kv heads", "intermediate"):
@@ -293,8 +294,23 @@ def plan(
         f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {format_gib(p.hbm_gb)} bf16, "
         f"{format_gib(p.hbm_gb_4bit)} 4-bit (QLoRAM accounting), {format_gib(p.hbm_gb_4bit_actual)} 4-bit actual"
     )
+    console.print(_loading_line(how, prune_cfg.strategy))
     for line in _plan_notes(p, prune_cfg):
         console.print(line, highlight=False)
+
+
+def _loading_line(how: str, strategy: str) -> str:
+    """The plan's sentence on how a consumer loads the published 16-bit model."""
+    if how == "remote code":
+        return (
+            "loading: layers of different widths, so model/ ships modeling_loram.py "
+            "(AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); keep_first=0 keep_last=0 "
+            "gives uniform widths that load stock"
+        )
+    what = "the original's shapes" if strategy in ("semi", "unstructured") else "uniform widths"
+    return (
+        f"loading: stock AutoModelForCausalLM.from_pretrained, no remote code ({what}, a plain family config)"
+    )
 
 
 def _plan_notes(p, cfg) -> list[str]:

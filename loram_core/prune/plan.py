@@ -167,3 +167,15 @@ def read_model_config(source: str | Path) -> PretrainedConfig:
     if model_type not in CONFIG_MAPPING:
         raise LoramError(f"{str(path)!r} has model_type {model_type!r}, which transformers does not know.")
     return CONFIG_MAPPING[model_type](**data)
+
+
+def loading(config: PretrainedConfig, cfg: PruneConfig) -> str:
+    """How the pruned 16-bit checkpoint of this setting loads: `stock` or `remote code` (`loram_core.stock`).
+
+    Uniform widths (a structured base pruned in every layer, `keep_first=0, keep_last=0`) and
+    sparse bases are plain family configs; layers of several widths ship `modeling_loram.py`.
+    """
+    from loram_core.stock import loading as loading_of
+
+    pruned = config if cfg.strategy in SPARSE else structured_config(config, cfg)
+    return loading_of(pruned.to_dict())
