@@ -208,6 +208,12 @@ def bench(args: argparse.Namespace) -> dict:
     jobs: list[dict] = []
     for name in args.models:
         work = Path(args.workdir) / name
+        if args.report_only:  # nothing computed, not even the cached steps (whose keys may have moved)
+            cache = next(work.glob("kd-topk-*/topk.safetensors"))
+            runs = {p.stem: json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))}
+            results[name] = {"topk_cache_bytes": cache.stat().st_size, "runs": runs,
+                             "topk_cache_s": json.loads((work / "topk-seconds.json").read_text())}  # fmt: skip
+            continue
         base, blocks_file = _models.prepare(name, work)
         cfg = _models.config(name, work)
         calib = steps.prepare_calibration(cfg, base, blocks_file)
@@ -303,6 +309,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default="/tmp/loram-bench-kd")
     parser.add_argument("--write", type=Path, help="replace the bench_kd section of this markdown file")
+    parser.add_argument("--report-only", action="store_true", help="tables from the runs already recorded")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -311,9 +318,12 @@ def main() -> None:
     t0 = time.perf_counter()
     results = bench(args)
     body = tables(results, args)
-    cmd = "nice -n 10 .venv/bin/python bench/bench_kd.py " + " ".join(sys.argv[1:])
+    cmd = "nice -n 10 .venv/bin/python bench/bench_kd.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--report-only"
+    )
+    wall = "" if args.report_only else f"bench wall time {(time.perf_counter() - t0) / 60:.0f} min\n"
     section = (f"{BEGIN}\n## Tokens to target: cpt vs distillation from the original (issue 26)\n\n"
-               f"```\n{cmd}\n```\n\n{body}\nbench wall time {(time.perf_counter() - t0) / 60:.0f} min\n{END}")  # fmt: skip
+               f"```\n{cmd}\n```\n\n{body}\n{wall}{END}")  # fmt: skip
     print(section)
     if args.write:
         text = args.write.read_text()
