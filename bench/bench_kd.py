@@ -251,7 +251,10 @@ def bench(args: argparse.Namespace) -> dict:
 def tables(results: dict, args: argparse.Namespace) -> str:
     out = []
     for name, res in results.items():
-        runs = list(res["runs"].values())
+        order = {k: i for i, k in enumerate([*PRUNINGS, *OBJECTIVES])}
+        every = sorted(res["runs"].values(), key=lambda r: (order[r["pruning"]], order[r["objective"]]))
+        runs = [r for r in every if r["steps"] == args.steps]
+        own = [r for r in every if r["steps"] == args.steps // 4]  # a quarter of the budget, its own schedule
         if not runs:
             continue
         per_step = runs[0]["tokens"] // runs[0]["steps"]
@@ -291,10 +294,28 @@ def tables(results: dict, args: argparse.Namespace) -> str:
                 out.append(f"| {pruning} | (original, no LoRA: {v['original']:.4f}; LoRA on the unaligned "
                            f"base, recovered: {v['unaligned']:.4f}) | | | | | | |")  # fmt: skip
         out.append("")
-        secs = sum(r["seconds"] for r in runs)
-        loads = [r["load"] for r in runs]
-        out.append(f"{len(runs)} runs, {secs / 60:.0f} min of run time (alignment + verification, {args.jobs} at a "
-                   f"time), load average {min(loads):.1f}-{max(loads):.1f} at the runs' ends.\n")  # fmt: skip
+        if own:
+            out.append(f"A quarter of the budget with its own schedule (`align.steps={args.steps // 4}`, warmup and "
+                       f"cosine over those steps; `--steps {args.steps // 4}` into the same work dir), against "
+                       f"`cpt` at the full {args.steps} steps:\n")  # fmt: skip
+            out.append("| pruning | objective | tokens | held-out ppl | task loss | reaches cpt's full ppl | "
+                       "task loss <= cpt's full |")  # fmt: skip
+            out.append("|---|---|---:|---:|---:|---|---|")
+            for r in own:
+                cpt = next(
+                    (c for c in runs if c["pruning"] == r["pruning"] and c["objective"] == "cpt"), None
+                )
+                reach = task = ""
+                if cpt is not None:
+                    reach = "yes" if r["final_ppl"] <= cpt["final_ppl"] else "no"
+                    task = "yes" if r["verify"]["loram"] <= cpt["verify"]["loram"] else "no"
+                out.append(f"| {r['pruning']} | {r['objective']} | {r['tokens']:,} | {r['final_ppl']:.2f} | "
+                           f"{r['verify']['loram']:.4f} | {reach} | {task} |")  # fmt: skip
+            out.append("")
+        secs = sum(r["seconds"] for r in runs + own)
+        loads = [r["load"] for r in runs + own]
+        out.append(f"{len(runs) + len(own)} runs, {secs / 60:.0f} min of run time (alignment + verification, "
+                   f"{args.jobs} at a time), load average {min(loads):.1f}-{max(loads):.1f} at the runs' ends.\n")  # fmt: skip
     return "\n".join(out)
 
 
