@@ -52,7 +52,7 @@ def _pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     # Each model step gets its own section and the run's context (work dir, device), nothing else.
     pruned = t.prune(cfg.prune, cfg.context, base, calibration)
     # `until` and each section's `enabled` choose the model steps; evaluate and publish always run.
-    aligned = t.align(cfg.align, cfg.context, pruned, corpus) if cfg.runs("align") else pruned
+    aligned = t.align(cfg.align, cfg.context, pruned, corpus, base) if cfg.runs("align") else pruned
     nf4 = t.quantize(cfg.quantize, cfg.context, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None

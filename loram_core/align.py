@@ -1,11 +1,12 @@
-"""Alignment: full-parameter continual pre-training (next-token loss) of a pruned model.
+"""Alignment: full-parameter training of a pruned model, by next-token loss or from a teacher.
 
 The loop reads top to bottom: pick the step's blocks from a seeded order, forward/backward with
 gradient accumulation, clip, step, re-apply sparse masks, schedule the learning rate, report,
 checkpoint. A checkpoint holds everything a resumed run needs (weights, optimizer, scheduler, RNG,
 step — the data position follows from the step), written atomically, so a run killed at any
 moment continues from the last checkpoint and follows the uninterrupted run's trajectory.
-The same loop pretrains the demo base model.
+The same loop pretrains the demo base model. With a `Distiller` (`align.objective: kd | cpt+kd`,
+`loram_core.distill`) each micro-batch's loss is the distillation objective instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, load_model
@@ -31,6 +33,9 @@ from loram_core.errors import LoramError
 from loram_core.loss import causal_lm_loss
 from loram_core.models import set_activation_checkpointing
 from loram_core.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from loram_core.distill import Distiller
 
 __all__ = ["TrainResult", "apply_masks", "clear_checkpoint", "cosine_with_warmup", "freeze_head",
            "mask_gradients", "sample_positions", "train_causal_lm"]  # fmt: skip
@@ -212,8 +217,9 @@ def train_causal_lm(
     progress: ProgressFn | None = None,
     stop_after: int | None = None,
     dist_info: Dist | None = None,
+    distiller: Distiller | None = None,
 ) -> TrainResult:
-    """Train `model` in place on `train_blocks` with the next-token loss.
+    """Train `model` in place on `train_blocks` with the next-token loss (or `distiller`'s objective).
 
     Each optimizer step averages the gradient over its `batch_size * grad_accum` samples (on every
     process: `* world`), as Hugging Face's Trainer does, so `max_grad_norm` clips that mean whatever
@@ -237,6 +243,9 @@ def train_causal_lm(
             (`cfg.parallel`) and each rank trains on its slice of every global batch. Checkpoints
             hold full state dicts, so a run resumes on any number of processes (but a checkpoint
             of an in-process run is not one of a distributed run, and vice versa).
+        distiller: the `kd` / `cpt+kd` objective (`loram_core.distill.make_distiller`): its loss replaces
+            the next-token loss; its top-k cache, if any, is indexed by the blocks' positions in
+            `train_blocks`. None: the next-token loss.
 
     Returns:
         The loss history and throughput.
@@ -245,6 +254,7 @@ def train_causal_lm(
     # Moved once, not at every step; held inverted (pruned = True) for in-place masked_fill_.
     pruned = {name: ~m.to(device, torch.bool) for name, m in masks.items()} if masks else {}
     run = _prepare(model, cfg, dist_info, device, train_blocks.shape[1], pruned)
+    run.distiller = distiller
     ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     result = TrainResult(steps=cfg.steps, flops_per_token=run.flops_per_token)
     start_step = _resume(ckpt_dir, run, result, device)
@@ -263,7 +273,8 @@ def train_causal_lm(
             first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
             last = accum == cfg.grad_accum - 1  # only the step's last pass reduces across ranks
-            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum, last)
+            batch = train_blocks[idx]
+            step_loss += _forward_backward(run, batch, micro, device, 1 / cfg.grad_accum, last, idx)
         grad_norm = _optimizer_step(run, cfg)
         result.tokens += per_step * seq_len
         if run.dist_info is not None:
@@ -311,6 +322,7 @@ class _Run:
     pruned: dict[str, torch.Tensor]  # parameter name -> bool mask of its pruned positions (sparse)
     probe_seconds: float = 0.0  # the micro_batch_size=auto probe (not training time)
     master: MasterWeights | None = None  # precision=bf16-master in one process: fp32 masters
+    distiller: Distiller | None = None  # the kd / cpt+kd objective; None: the next-token loss
 
 
 def _prepare(
@@ -415,14 +427,20 @@ def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch
 
 
 def _forward_backward(
-    run: _Run, batch: torch.Tensor, micro: int, device: torch.device, scale: float = 1.0,
+    run: _Run,
+    batch: torch.Tensor,
+    micro: int,
+    device: torch.device,
+    scale: float = 1.0,
     sync: bool = True,
-) -> float:  # fmt: skip
+    positions: torch.Tensor | None = None,
+) -> float:
     """Accumulate the gradients of `scale` x `batch`'s mean loss, `micro` samples per pass.
 
     `scale` is `1 / grad_accum`, so an optimizer step's passes sum to the gradient of the mean over
     all its samples. Under torchrun only the last micro-batch's backward reduces gradients across
-    ranks, and only with `sync` (the step's last accumulation pass). Returns the scaled loss (the
+    ranks, and only with `sync` (the step's last accumulation pass). `positions` are the batch's
+    indices in the training blocks (a top-k teacher cache's rows). Returns the scaled loss (the
     passes of a step sum to the step's mean loss).
     """
     total = 0.0
@@ -432,7 +450,11 @@ def _forward_backward(
         share = ids.shape[0] / batch.shape[0] * scale  # the micro-batches sum to scale x the batch mean
         with gradient_sync(run.model, sync and start == starts[-1]):
             with autocast_context(run.precision, device):
-                loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+                if run.distiller is None:
+                    loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
+                else:
+                    rows = None if positions is None else positions[start : start + micro]
+                    loss = run.distiller.loss(run.model, ids, rows, run.chunk_tokens) * share
             loss.backward()
         total += loss.item()
     return total

@@ -2,11 +2,12 @@
 
     torchrun --standalone --nproc_per_node 8 -m loram_core.align_worker \\
         --config align-config.json --pruned PRUNED_DIR --blocks blocks.safetensors --workdir WORK --out OUT \\
-        --dtype bfloat16
+        --dtype bfloat16 [--teacher BASE_DIR | --topk TOPK_FILE]
 
 `config` is the `align` section (`AlignConfig`) as JSON. Rank 0 prints one JSON line per
 progress report (`{"progress": {...}}`) for the launching task, and saves the final model to OUT
-in `--dtype` (the published dtype: `loram_core.dtypes`).
+in `--dtype` (the published dtype: `loram_core.dtypes`). Under `align.objective: kd | cpt+kd` each
+rank loads the teacher (`--teacher`, online) or reads its top-k cache (`--topk`).
 Multi-node: replace `--standalone` by `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`.
 """
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--config", "--pruned", "--blocks", "--workdir", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--topk", default=None)
     args = parser.parse_args(argv)
     from loram_core.launch import die_with_parent
 
@@ -40,19 +43,22 @@ def main(argv: list[str] | None = None) -> None:
     from loram_core.dtypes import save_pretrained_as
     from loram_core.models import load_model
     from loram_core.prune import load_masks
+    from loram_core.steps.teacher import distiller_for
 
     cfg = AlignConfig.model_validate_json(Path(args.config).read_text())
     info = distributed.setup()
     model = load_model(args.pruned).to(info.device)
     masks = load_masks(Path(args.pruned) / "masks" / "masks.safetensors").keep_masks() or None
 
+    train = load_blocks(args.blocks).train
+
     def report(event: dict) -> None:
         if info.main:
             print(json.dumps({"progress": event}), flush=True)
 
     result = train_causal_lm(
-        model, load_blocks(args.blocks).train, cfg, checkpoint_dir=args.workdir, masks=masks, progress=report,
-        dist_info=info,
+        model, train, cfg, checkpoint_dir=args.workdir, masks=masks, progress=report, dist_info=info,
+        distiller=distiller_for(cfg, args.teacher, args.topk, train, info.device),
     )  # fmt: skip
     model_sd = distributed.full_model_state(model) if info.world > 1 else None
     if info.main:

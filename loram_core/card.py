@@ -10,6 +10,13 @@ from loram_core.report import recovery_sentence
 from loram_core.sizes import size_rows
 from loram_core.verify.report import verification_markdown
 
+# `align.objective` -> how the card says the base was aligned.
+_ALIGNED_BY = {
+    "cpt": "continual pre-training",
+    "kd": "distillation from the original (KL to its next-token distribution)",
+    "cpt+kd": "continual pre-training plus distillation from the original",
+}
+
 
 def _fmt(x) -> str:
     if isinstance(x, float):
@@ -164,7 +171,7 @@ def model_card(m: Manifest, bucket_uri: str, remote_code: bool | dict[str, bool]
         )
     aligned = "aligned_ppl" in metrics
     aligned_note = (
-        ", then aligned to the original by continual pre-training"
+        f", then aligned to the original by {_ALIGNED_BY.get(m.align.get('objective', 'cpt'), 'continual pre-training')}"
         if aligned
         else " (not aligned: this run stopped after pruning)"
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loram_core.config import CorpusConfig, PipelineConfig, fingerprint
+from loram_core.distill.teacher import check_distillation
 from loram_core.errors import ConfigError, LoramError
 
 if TYPE_CHECKING:
@@ -470,13 +471,16 @@ def preflight(cfg: PipelineConfig) -> None:
     path = base_path(cfg, weights=False)
     tokenizer = None
     if path is not None:
-        num_layers = check_base(path, weights=not _hub_weights_pending(cfg, path)).num_hidden_layers
+        base_config = check_base(path, weights=not _hub_weights_pending(cfg, path))
+        num_layers, vocab_size = base_config.num_hidden_layers, base_config.vocab_size
         tokenizer = check_tokenizer(path)
     else:
-        num_layers = cfg.base.demo.num_hidden_layers
+        num_layers, vocab_size = cfg.base.demo.num_hidden_layers, cfg.base.demo.vocab_size
         check_writable(cfg.base.cache_dir, "base.cache_dir")
     cfg.prune.layer_range(num_layers)
-    compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
+    device = compute_device(cfg)  # `device=cuda` on a machine lacking one is refused here, not at a step
+    if cfg.runs("align"):
+        check_distillation(cfg.align, vocab_size, device)  # align.kd_topk, align.teacher_dtype
     if cfg.corpus.mix is not None and cfg.reads_corpus():  # each source readable (datasets streamed)
         from loram_core.corpus_mix import check_mix
 

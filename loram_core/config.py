@@ -375,7 +375,7 @@ class EvalConfig(_TextSource):
 
 
 class AlignConfig(_Section):
-    """Alignment: continual pre-training of the pruned model on the corpus (next-token loss)."""
+    """Alignment of the pruned model on the corpus: continual pre-training, distillation from the original, or both."""
 
     enabled: bool = True
     steps: int = Field(200, ge=1)
@@ -406,6 +406,39 @@ class AlignConfig(_Section):
         ge=1,
         description="Next-token loss computed over this many tokens at a time, the vocabulary logits "
         "recomputed in backward, so they never all exist at once; unset: the model's own loss.",
+    )
+    objective: Literal["cpt", "kd", "cpt+kd"] = Field(
+        "cpt",
+        description="What alignment minimises: `cpt` the next-token loss (continual pre-training, as LoRAM); "
+        "`kd` the KL divergence from the original (the teacher: the pipeline's base, frozen) to the pruned "
+        "model at kd_temperature, times its square; `cpt+kd` (1 - kd_weight) x next-token + kd_weight x kd.",
+    )
+    kd_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="`cpt+kd`: the distillation term's share of the loss (torchtune's kd_ratio).",
+    )
+    kd_temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Softmax temperature of teacher and student in the KL (scaled back by its square).",
+    )
+    kd_mode: Literal["online", "topk"] = Field(
+        "online",
+        description="How the teacher is fed: `online` runs it on every micro-batch beside the student; `topk` "
+        "computes its kd_topk largest probabilities of every training block once (cached in the work dir, "
+        "reused by later runs) and lumps the rest of its mass into one bucket.",
+    )
+    kd_topk: int = Field(
+        64,
+        ge=1,
+        description="`kd_mode: topk`: teacher probabilities kept per position (at most the vocabulary).",
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "nf4"] = Field(
+        "auto",
+        description="The teacher's weights: `auto` is bfloat16 on a GPU and float32 on the CPU; `nf4` "
+        "(bitsandbytes 4-bit, GPU only) for a teacher that must share the GPU with the student.",
     )
     compile: bool = Field(
         False, description="torch.compile each decoder layer (GPU; first steps are slower)."

@@ -3,8 +3,10 @@ console listener."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -92,3 +94,33 @@ class StepProgress:
             )
         else:  # the key's latest version is this artifact, so the key's page follows too
             get_client(sync_client=True).update_artifact(self.curve, ArtifactUpdate(data=markdown))
+
+
+class _ToRunLog(logging.Handler):
+    """Hands `loram_core`'s records to the task run's logger, at their own level."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = get_run_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, "%s", record.getMessage())
+
+
+@contextmanager
+def core_logs_to_run_log() -> Iterator[None]:
+    """Within the body, `loram_core`'s INFO lines and above (the alignment memory plan, the top-k
+    cache's progress, its warnings) go to the task's log (the UI, the console, the run's log file)
+    instead of the root logger, which shows warnings only and without the task's name."""
+    core = logging.getLogger("loram_core")
+    handler, level, propagate = _ToRunLog(), core.level, core.propagate
+    core.addHandler(handler)
+    core.propagate = False
+    if core.getEffectiveLevel() > logging.INFO:
+        core.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        core.removeHandler(handler)
+        core.setLevel(level)
+        core.propagate = propagate

@@ -17,7 +17,7 @@ from loram_core import steps
 from loram_core.config import AlignConfig, PipelineConfig, PruneConfig, QuantizeConfig, RunContext
 from loram_core.device import describe
 from loram_provider.tasks._gpu import gpu_slots
-from loram_provider.tasks._progress import StepProgress
+from loram_provider.tasks._progress import StepProgress, core_logs_to_run_log
 
 
 def _log_device(ctx: RunContext | PipelineConfig, step: str) -> None:
@@ -55,12 +55,15 @@ def prune(prune: PruneConfig, ctx: RunContext, base_dir: str, calib_file: str) -
 
 
 @task(cache_policy=NO_CACHE)
-def align(align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str) -> str:
-    """Continual pre-training of the pruned model on the corpus; resumes after a crash."""
+def align(
+    align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str, base_dir: str | None = None
+) -> str:
+    """Align the pruned model on the corpus (`align.objective`; `kd`/`cpt+kd` distil from `base_dir`)."""
     _log_device(ctx, "align")
-    progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
-    with gpu_slots(ctx, align.nproc_per_node) as leased:
-        return steps.align(align, leased, pruned_dir, blocks_file, progress)
+    what = {"cpt": "continual pre-training", "kd": "distillation", "cpt+kd": "pre-training + distillation"}
+    progress = StepProgress("align", f"Alignment ({what[align.objective]})", curve_key="alignment-loss")
+    with gpu_slots(ctx, align.nproc_per_node) as leased, core_logs_to_run_log():
+        return steps.align(align, leased, pruned_dir, blocks_file, progress, base_dir=base_dir)
 
 
 @task(cache_policy=NO_CACHE)

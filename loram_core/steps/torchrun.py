@@ -41,13 +41,16 @@ def align_torchrun(
     progress: Progress | None,
     gpus: list[int] | None = None,
     dtype: torch.dtype | None = None,
+    teacher_dir: str | None = None,
+    topk_file: str | None = None,
 ) -> dict:
     """Run the alignment loop in `align.nproc_per_node` processes on this node under torchrun.
 
     The workers read the `align` section from `<work>/align-config.json`, checkpoint into `work`
     and save the model into `out` (in `dtype`; default float32); their progress lines are handed to
     `progress`. With `gpus` (the step's leased GPU indices) torchrun sees only those
-    (`CUDA_VISIBLE_DEVICES`).
+    (`CUDA_VISIBLE_DEVICES`). A distilling objective's teacher: `teacher_dir` (online: each rank
+    loads it on its device) or `topk_file` (its top-k cache, read by each rank).
 
     Returns:
         The training result the workers recorded (losses, tokens, throughput).
@@ -63,6 +66,9 @@ def align_torchrun(
            "--config", str(config_file), "--pruned", pruned_dir, "--blocks", blocks_file,
            "--workdir", str(work), "--out", str(out),
            "--dtype", str(dtype or "float32").removeprefix("torch.")]  # fmt: skip
+    for flag, value in (("--teacher", teacher_dir), ("--topk", topk_file)):
+        if value is not None:
+            cmd += [flag, value]
 
     def on_line(line: str) -> None:
         if line.startswith('{"progress"'):

@@ -52,9 +52,16 @@ def prefect_server():
         yield
 
 
-@pytest.mark.parametrize("strategy", ["random", "semi"])
+@pytest.mark.parametrize(
+    ("strategy", "align"),
+    [
+        ("random", []),
+        ("semi", []),
+        ("random", ["align.objective=cpt+kd", "align.kd_mode=topk", "align.kd_topk=32"]),
+    ],
+)
 def test_flow_publishes_a_verified_version(
-    prefect_server, cache: Path, tmp_path: Path, strategy: str
+    prefect_server, cache: Path, tmp_path: Path, strategy: str, align: list[str]
 ) -> None:
     from prefect.client.orchestration import get_client  # noqa: F401 - the harness is live
 
@@ -69,6 +76,7 @@ def test_flow_publishes_a_verified_version(
             f"publish.uri=file://{tmp_path / 'bucket'}",
             "publish.version=v1",
             f"prune.strategy={strategy}",
+            *align,
         ],
     )
     result = provider(cfg.model_dump(mode="json"))
@@ -90,6 +98,11 @@ def test_flow_publishes_a_verified_version(
     assert manifest.prune["strategy"] == strategy and manifest.base["fingerprint"]
     card = (tmp_path / "bucket" / "demo-llama" / "v1" / "README.md").read_text()
     assert "aligned_ppl" in card and strategy in card
+    # Distillation: the flow handed the base to the align step, whose teacher cache is in the work dir.
+    assert manifest.align["objective"] == a.objective
+    assert len(list((tmp_path / "work").glob("kd-topk-*/topk.safetensors"))) == (a.objective != "cpt")
+    by = "plus distillation from the original" if a.objective == "cpt+kd" else "by continual pre-training"
+    assert by in card
     # A second run finds every step done and publishes the same content: a no-op.
     again = provider(cfg.model_dump(mode="json"))
     assert again["metrics"] == result["metrics"]

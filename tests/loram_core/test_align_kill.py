@@ -4,7 +4,7 @@ Two kinds of kill: from outside at whatever moment the run has reached (anywhere
 checkpoint of step 10), and by the run itself at a chosen point of the checkpoint swap (between its
 two renames, or after them with the old folder still there). No test waits on a clock: the victim
 cannot finish on its own (it blocks after its last step), so the kill always lands mid-run however
-slow the machine is.
+slow the machine is. The `kd` run distils from a teacher (a resident one: the online feed) the same way.
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ SCRIPT = textwrap.dedent(
     from loram_core import align_checkpoint
     from loram_core.align import train_causal_lm
     from loram_core.config import AlignConfig
+    from loram_core.distill import make_distiller
     from tests.conftest import tiny_model
     from tests.loram_core.test_align import _blocks
 
     torch.set_num_threads(1)
     out, ckpt, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    objective = sys.argv[5] if len(sys.argv) > 5 else "cpt"
     cfg = AlignConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=4, checkpoint_every=5, log_every=1,
                       precision="fp32", optimizer=sys.argv[4], flora_rank=4, flora_kappa=7, seed=2)
     pace = None
@@ -59,8 +61,22 @@ SCRIPT = textwrap.dedent(
                 die()
             return rmtree(path, *args, **kwargs)
         Path.rename, align_checkpoint.shutil.rmtree = renaming, removing
+    distiller = None
+    if objective != "cpt":  # the teacher: another tiny model, frozen; on every micro-batch, or its top-k
+        objective, _, feed = objective.partition(":")
+        kd = AlignConfig(objective=objective, kd_temperature=2.0, kd_weight=0.5)
+        teacher = tiny_model(seed=5).requires_grad_(False)
+        if feed == "topk":  # each process computes its own cache (the same numbers), as a rerun reads it back
+            from loram_core.distill import TopkCache, build_topk_cache
+            cache = Path(out).with_suffix(".topk")
+            build_topk_cache(teacher, _blocks(), 8, 2.0, cache, batch_size=16, chunk_tokens=None,
+                             device=torch.device("cpu"))
+            distiller = make_distiller(kd, cache=TopkCache(cache, _blocks()))
+        else:
+            distiller = make_distiller(kd, teacher=teacher)
     model = tiny_model()
-    result = train_causal_lm(model, _blocks(), cfg, checkpoint_dir=ckpt if ckpt != "-" else None, progress=pace)
+    result = train_causal_lm(model, _blocks(), cfg, checkpoint_dir=ckpt if ckpt != "-" else None, progress=pace,
+                             distiller=distiller)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out)
     print(result.resumed_from)
     """
@@ -76,10 +92,10 @@ def _run(tmp_path: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def _resume_and_compare(tmp_path: Path, ckpt: Path, optimizer: str) -> int:
+def _resume_and_compare(tmp_path: Path, ckpt: Path, optimizer: str, objective: str = "cpt") -> int:
     """Resume from `ckpt` and train straight, in two processes; the final weights must be equal."""
-    resumed = _run(tmp_path, str(tmp_path / "resumed.safetensors"), str(ckpt), "fast", optimizer)
-    straight = _run(tmp_path, str(tmp_path / "straight.safetensors"), "-", "fast", optimizer)
+    resumed = _run(tmp_path, str(tmp_path / "resumed.safetensors"), str(ckpt), "fast", optimizer, objective)
+    straight = _run(tmp_path, str(tmp_path / "straight.safetensors"), "-", "fast", optimizer, objective)
     resumed_from = resumed.communicate()[0].strip()
     straight.communicate()
     assert resumed.returncode == 0 and straight.returncode == 0
@@ -89,9 +105,9 @@ def _resume_and_compare(tmp_path: Path, ckpt: Path, optimizer: str) -> int:
     return int(resumed_from)
 
 
-def _kill_and_resume(tmp_path: Path, optimizer: str) -> None:
+def _kill_and_resume(tmp_path: Path, optimizer: str, objective: str = "cpt") -> None:
     ckpt = tmp_path / "ckpt"
-    victim = _run(tmp_path, str(tmp_path / "never.safetensors"), str(ckpt), "slow", optimizer)
+    victim = _run(tmp_path, str(tmp_path / "never.safetensors"), str(ckpt), "slow", optimizer, objective)
     trainer = ckpt / "checkpoint" / "trainer.json"
     while True:  # wait until a checkpoint past step 10 exists, then kill
         assert victim.poll() is None, "the victim exited before it could be killed"
@@ -106,7 +122,7 @@ def _kill_and_resume(tmp_path: Path, optimizer: str) -> None:
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "never.safetensors").exists()
-    assert 10 <= _resume_and_compare(tmp_path, ckpt, optimizer) < 40
+    assert 10 <= _resume_and_compare(tmp_path, ckpt, optimizer, objective) < 40
 
 
 def test_sigkill_and_resume_reaches_the_uninterrupted_weights_adamw(tmp_path: Path) -> None:
@@ -115,6 +131,13 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_weights_adamw(tmp_path: Pa
 
 def test_sigkill_and_resume_reaches_the_uninterrupted_weights_flora(tmp_path: Path) -> None:
     _kill_and_resume(tmp_path, "flora")
+
+
+@pytest.mark.parametrize("objective", ["kd", "cpt+kd:topk"])
+def test_sigkill_and_resume_reaches_the_uninterrupted_weights_distilling(
+    tmp_path: Path, objective: str
+) -> None:
+    _kill_and_resume(tmp_path, "adamw", objective)
 
 
 @pytest.mark.parametrize(

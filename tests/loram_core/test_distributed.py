@@ -1,4 +1,5 @@
-"""Alignment under torchrun: two CPU processes (Gloo), DDP and FSDP2, through the pipeline step."""
+"""Alignment under torchrun: two CPU processes (Gloo), DDP and FSDP2, through the pipeline step
+(distilling too: the teacher loaded on each rank, or its top-k cache read by each)."""
 
 from __future__ import annotations
 
@@ -30,15 +31,30 @@ def pruned(tmp_path: Path) -> tuple[str, str]:
     return str(d), str(blocks)
 
 
-@pytest.mark.parametrize(("parallel", "dtype"), [("ddp", "float32"), ("fsdp", "bfloat16")])
+@pytest.mark.parametrize(
+    ("parallel", "dtype", "objective"),
+    [
+        ("ddp", "float32", []),
+        ("fsdp", "bfloat16", []),
+        ("ddp", "float32", ["align.objective=cpt+kd", "align.kd_temperature=2.0"]),
+        ("ddp", "float32", ["align.objective=kd", "align.kd_mode=topk", "align.kd_topk=16"]),
+    ],
+)
 def test_two_process_alignment_matches_one_process_with_the_same_global_batch(
-    tmp_path, pruned, parallel, dtype
+    tmp_path, pruned, parallel, dtype, objective
 ) -> None:
     """Both save in the published dtype: float32 compares the trajectories' weights at full precision;
-    bfloat16 (the default from this float32 base) shows the torchrun worker writes the same dtype."""
+    bfloat16 (the default from this float32 base) shows the torchrun worker writes the same dtype.
+    Distilling, each rank computes the teacher's side of its own slice of the batch."""
     pruned_dir, blocks = pruned
+    base = None
+    if objective:  # the teacher: another tiny model
+        base = str(tmp_path / "base")
+        tiny_model(seed=5).save_pretrained(base)
+        tiny_tokenizer().save_pretrained(base)
     common = ["align.steps=8", "align.lr=0.003", "align.warmup_steps=2", "align.log_every=2", "align.precision=fp32",
-              "align.checkpoint_every=4", f"publish.dtype={'auto' if dtype == 'bfloat16' else dtype}"]  # fmt: skip
+              "align.checkpoint_every=4", f"publish.dtype={'auto' if dtype == 'bfloat16' else dtype}",
+              *objective]  # fmt: skip
     two = load_config(
         REPO / "configs" / "demo.yaml",
         common
@@ -53,8 +69,8 @@ def test_two_process_alignment_matches_one_process_with_the_same_global_batch(
         REPO / "configs" / "demo.yaml", common + [f"workdir={tmp_path / 'w1'}", "align.batch_size=4"]
     )
     events = []
-    out2 = steps.align(two.align, two.context, pruned_dir, blocks, events.append)
-    out1 = steps.align(one.align, one.context, pruned_dir, blocks)
+    out2 = steps.align(two.align, two.context, pruned_dir, blocks, events.append, base_dir=base)
+    out1 = steps.align(one.align, one.context, pruned_dir, blocks, base_dir=base)
     assert [e["step"] for e in events] == [2, 4, 6, 8]  # rank 0's progress reached the task
     log2, log1 = (json.loads((Path(o) / "train_log.json").read_text()) for o in (out2, out1))
     assert log2["tokens"] == log1["tokens"] == 8 * 4 * 32
