@@ -57,8 +57,8 @@ def _worker(rank: int, parallel: str, init: str, out: str) -> None:
 
     real_pass = align._forward_backward
 
-    def probed_pass(run, batch, micro, device, scale=1.0, sync=True):
-        loss = real_pass(run, batch, micro, device, scale, sync)
+    def probed_pass(run, batch, micro, device, scale=1.0, sync=True, positions=None):
+        loss = real_pass(run, batch, micro, device, scale, sync, positions)
         if scale == 1.0 and batch.shape[0] > 2:  # a probe pass (training passes scale by 1/ACCUM)
             raise MemoryError
         return loss
