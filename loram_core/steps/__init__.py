@@ -18,7 +18,7 @@ a crash never leaves a half-written output. The preflight lives in `loram_core.c
 
 from loram_core.checks import preflight
 from loram_core.steps._common import Progress, compute_device
-from loram_core.steps.alignment import align, train_log
+from loram_core.steps.alignment import align, reference_loss, train_log
 from loram_core.steps.evaluation import evaluate
 from loram_core.steps.inputs import (
     base_fingerprint,
@@ -53,6 +53,7 @@ __all__ = [
     "publish",
     "publish_uri",
     "quantize",
+    "reference_loss",
     "text_blocks_info",
     "train_log",
 ]

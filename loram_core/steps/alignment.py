@@ -20,7 +20,12 @@ from loram_core.steps.torchrun import DEADLINE_FIX, align_torchrun, deadline_s
 
 
 def align(
-    align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str, progress: Progress | None = None
+    align: AlignConfig,
+    ctx: RunContext,
+    pruned_dir: str,
+    blocks_file: str,
+    progress: Progress | None = None,
+    heldout_file: str | None = None,
 ) -> str:
     """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash.
 
@@ -29,11 +34,15 @@ def align(
         ctx: the run's work dir and device.
         pruned_dir: the pruned checkpoint (`prune`).
         blocks_file: the corpus's packed blocks (`prepare_corpus`); trained on its training split.
-        progress: called with `{"step", "total", "loss", ...}` as training goes.
+        progress: called with `{"step", "total", "loss", ...}` as training goes (and `heldout_loss`
+            every `align.eval_every` steps, given `heldout_file`).
+        heldout_file: the eval blocks (`prepare_eval`); the first `HELDOUT_BLOCKS` are scored for
+            the held-out points (in-process alignment; they do not change the result).
     """
     device = compute_device(ctx)
     key = {
-        "align": align.model_dump(exclude={"deadline_minutes"}),  # a deadline does not change the result
+        # Neither a deadline nor the held-out points change the result.
+        "align": align.model_dump(exclude={"deadline_minutes", "eval_every"}),
         "pruned": pruned_dir,
         "corpus": blocks_file,
         "device": device.type,
@@ -51,10 +60,13 @@ def align(
     else:
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
+        points: list[tuple[int, float]] = []
+        report = _with_heldout(progress, model, heldout_file, align, points)
         result = train_causal_lm(
             model, blocks.train, align, checkpoint_dir=work, masks=sparse_masks(pruned_dir),
-            progress=_with_deadline(progress, deadline_s(align), work),
+            progress=_with_deadline(report, deadline_s(align), work),
         ).to_dict()  # fmt: skip
+        result["heldout"] = points
         model.to("cpu").save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
     shutil.copytree(Path(pruned_dir) / "masks", tmp / "masks")
@@ -63,6 +75,65 @@ def align(
     clear_checkpoint(work)
     shutil.rmtree(work, ignore_errors=True)
     return str(out)
+
+
+# Held-out points during alignment score this many eval blocks: a forward pass each, no gradient.
+HELDOUT_BLOCKS = 8
+
+
+def heldout_loss(model, blocks) -> float:
+    """Mean next-token loss of `model` on `blocks` (ln of their perplexity, as `evaluate` scores them)."""
+    import math
+
+    from loram_core.evaluate import perplexity
+
+    return math.log(perplexity(model, blocks, batch_size=HELDOUT_BLOCKS))
+
+
+def reference_loss(ctx: RunContext, base_dir: str, heldout_file: str) -> float:
+    """The original model's held-out loss on the blocks alignment's held-out points are scored on.
+
+    One forward pass over `HELDOUT_BLOCKS` eval blocks on the run's device; cached like a step.
+    """
+    from safetensors.torch import load_file
+
+    device = compute_device(ctx)
+    out = step_dir(ctx, "reference", {"base": base_dir, "eval": heldout_file, "blocks": HELDOUT_BLOCKS,
+                                      "device": device.type})  # fmt: skip
+    if (out / "loss.json").is_file():
+        return json.loads((out / "loss.json").read_text())["loss"]
+    from loram_core.device import default_dtype
+
+    blocks = load_file(heldout_file)["blocks"][:HELDOUT_BLOCKS]
+    loss = heldout_loss(load_model(base_dir, dtype=default_dtype(device, "auto")).to(device), blocks)
+    tmp = tmp_for(out)
+    (tmp / "loss.json").write_text(json.dumps({"loss": loss, "blocks": int(blocks.shape[0])}))
+    commit(tmp, out)
+    return loss
+
+
+def _with_heldout(
+    progress: Progress | None, model, heldout_file: str | None, align: AlignConfig, points: list
+) -> Progress | None:
+    """The loop's progress callback, with the held-out loss added at the first log line at or after
+    every `align.eval_every` steps (and at the last step); `points` collects them."""
+    if heldout_file is None or align.eval_every is None:
+        return progress
+    from safetensors.torch import load_file
+
+    blocks = load_file(heldout_file)["blocks"][:HELDOUT_BLOCKS]
+    due = [align.eval_every]
+
+    def report(event: dict) -> None:
+        if event["step"] >= due[0] or event["step"] == event["total"]:
+            event = {**event, "heldout_loss": heldout_loss(model, blocks)}  # eval mode, then train again
+            points.append((event["step"], event["heldout_loss"]))
+            while due[0] <= event["step"]:
+                due[0] += align.eval_every
+        if progress is not None:
+            progress(event)
+
+    return report
 
 
 def _with_deadline(progress: Progress | None, deadline: float | None, work: Path) -> Progress | None:
