@@ -316,6 +316,12 @@ class PublishConfig(_Section):
         description="Whether `<name>/LATEST` moves to this version: `auto` only when the run made what the name "
         "promises (aligned, and quantized unless `quantize.enabled` is false); true always; false never.",
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype of the published `model/` (the pruned and the aligned checkpoint are written "
+        "in it, so their perplexities are those of the files): `auto` is the base's dtype when it is "
+        "bfloat16 or float16, else bfloat16. Alignment trains float32 master weights either way.",
+    )
 
 
 LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -355,6 +361,9 @@ class RunContext(_Section):
 
     workdir: str = Field(description="Step outputs, keyed by the hash of their inputs.")
     device: str = Field(pattern=DEVICE_PATTERN, description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="`publish.dtype`: what prune and align write their checkpoints in."
+    )
     gpus: list[int] | None = Field(
         None,
         description="GPU indices of the host this step holds (set by the GPU lease; torchrun's devices).",
@@ -413,8 +422,8 @@ class PipelineConfig(_Section):
 
     @property
     def context(self) -> RunContext:
-        """The run's work dir and device: what prune, align and quantize get beside their own section."""
-        return RunContext(workdir=self.workdir, device=self.device)
+        """The run's work dir, device and checkpoint dtype: what prune, align and quantize get beside their own section."""
+        return RunContext(workdir=self.workdir, device=self.device, dtype=self.publish.dtype)
 
     def reads_corpus(self) -> bool:
         """Whether any step of this run reads the packed corpus: alignment trains on it, and calibration

@@ -71,7 +71,8 @@ def evaluate(
         )
     metrics["heldout_tokens"] = heldout.numel()
     p = plan(load_config(base_dir), cfg.prune).to_dict()
-    params = size_summary(p, aligned_dir if aligned else pruned_dir, sparse=cfg.prune.strategy in SPARSE)
+    published = aligned_dir if aligned else pruned_dir  # the files publish copies into model/
+    params = size_summary(p, published, sparse=cfg.prune.strategy in SPARSE, nf4_dir=nf4_dir)
     compute = {**describe(device), "eval_dtype": str(dtype).removeprefix("torch."), "eval_seconds": seconds}
     result = {"metrics": metrics, "params": params, "compute": compute}
     tmp = tmp_for(out)

@@ -6,11 +6,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loram_core.config import AlignConfig
 from loram_core.errors import LoramError
 from loram_core.launch import DeadlineExceeded, run_group
 from loram_core.steps._common import Progress
+
+if TYPE_CHECKING:
+    import torch
 
 DEADLINE_FIX = "run it again to resume from there, with a larger align.deadline_minutes (or none)."
 
@@ -36,12 +40,14 @@ def align_torchrun(
     out: Path,
     progress: Progress | None,
     gpus: list[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Run the alignment loop in `align.nproc_per_node` processes on this node under torchrun.
 
     The workers read the `align` section from `<work>/align-config.json`, checkpoint into `work`
-    and save the model into `out`; their progress lines are handed to `progress`. With `gpus` (the
-    step's leased GPU indices) torchrun sees only those (`CUDA_VISIBLE_DEVICES`).
+    and save the model into `out` (in `dtype`; default float32); their progress lines are handed to
+    `progress`. With `gpus` (the step's leased GPU indices) torchrun sees only those
+    (`CUDA_VISIBLE_DEVICES`).
 
     Returns:
         The training result the workers recorded (losses, tokens, throughput).
@@ -55,7 +61,8 @@ def align_torchrun(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={align.nproc_per_node}", "-m", "loram_core.align_worker",
            "--config", str(config_file), "--pruned", pruned_dir, "--blocks", blocks_file,
-           "--workdir", str(work), "--out", str(out)]  # fmt: skip
+           "--workdir", str(work), "--out", str(out),
+           "--dtype", str(dtype or "float32").removeprefix("torch.")]  # fmt: skip
 
     def on_line(line: str) -> None:
         if line.startswith('{"progress"'):
