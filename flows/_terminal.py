@@ -43,8 +43,12 @@ def quiet(debug: bool, command: str) -> None:
 
 
 @contextmanager
-def step_bars() -> Iterator[Any]:
-    """A rich progress bar per step that reports progress, and the steps' notes printed above them."""
+def step_bars(on: Console | None = None) -> Iterator[Any]:
+    """A rich progress bar per step that reports progress, and the steps' notes printed above them.
+
+    Args:
+        on: the console to draw on (default: stdout's; stderr's where stdout is a command's result).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from loram_provider.tasks import _progress
@@ -56,7 +60,7 @@ def step_bars() -> Iterator[Any]:
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
-        console=console,
+        console=on or console,
     )
 
     def listen(name: str, done: int, total: int, event: dict) -> None:

@@ -197,7 +197,7 @@ def original(
         found = resolve_original(base, None, where, where)
     except LoramError as err:
         _fail(err)
-    console.print(f"{escape(found.name)}", highlight=False)
+    console.print(escape(found.name), highlight=False, soft_wrap=True)  # alone on stdout: --original "$(...)"
     err_console.print(f"original: {found.how}", highlight=False, markup=False)
 
 
@@ -235,7 +235,7 @@ def _build_original(base: dict, debug: bool) -> None:
 
     cfg = BaseConfig(demo=record["demo"], cache_dir=record.get("cache_dir") or BaseConfig().cache_dir)
     corpus = CorpusConfig(heldout_fraction=record["heldout_fraction"])
-    with step_bars():
+    with step_bars(err_console):
         from loram_provider.tasks import _progress
 
         def report(event: dict) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from loram_core.errors import LoramError
 from loram_core.models import build_model, family_of
+from loram_core.original import Original, resolve_original
 from loram_core.recover.adapter import (
     WEIGHTS_FILE,
     Adapter,
@@ -22,7 +23,6 @@ from loram_core.recover.adapter import (
 )
 from loram_core.recover.base import original_config, read_base
 from loram_core.recover.merge import merge_adapter, save_merged
-from loram_core.original import Original, resolve_original
 from loram_core.recover.output import replacing
 from loram_core.recover.structured import grow_cols, grow_rows, kept_indices
 

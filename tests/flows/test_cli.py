@@ -320,3 +320,47 @@ def test_run_summary_keeps_sentences_out_of_table_cells_and_links_absolute(
     assert "`LATEST` was left where it was (publish.latest=auto moves LATEST only" in text
     assert "| memory, 16-bit as stored | 2.36 MiB |" in text and "as NF4 stores it" not in text  # no NF4 made
     assert not any(c.startswith("| -") for c in cells)
+
+
+def test_loram_original_rebuilds_the_demo_base_with_the_fingerprint_the_manifest_records(
+    tmp_path: Path,
+) -> None:
+    """The demo base is not on the consumer's machine: `loram original` says so and names `--build`,
+    which pretrains it from the manifest's settings to the same bytes (one machine, same threads)."""
+    import shutil
+
+    from loram_core.config import BaseConfig, CorpusConfig
+    from loram_core.data import demo_corpus_file
+    from loram_core.demo import build_demo_base
+    from loram_core.steps.inputs import base_fingerprint
+    from tests.conftest import bare_manifest
+
+    demo = BaseConfig(demo={"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "seq_len": 32,
+                            "pretrain_steps": 3, "batch_size": 4}, cache_dir=str(tmp_path / "publisher"))  # fmt: skip
+    built = build_demo_base(demo, CorpusConfig())  # on the publisher's machine
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()  # the stdlib corpus is byte-identical for a Python version: copied, not rebuilt
+    shutil.copy(demo_corpus_file(demo.cache_dir), consumer / demo_corpus_file(demo.cache_dir).name)
+    version = tmp_path / "version"
+    version.mkdir()
+    manifest = bare_manifest(version, name="demo-llama", version="v1")
+    manifest.base = {"source": "demo", "fingerprint": base_fingerprint(str(built)), "original": {
+        "kind": "demo", "path": str(consumer / built.name), "cache_dir": str(consumer),
+        "demo": demo.demo.model_dump(mode="json"), "heldout_fraction": 0.05, "heldout_unit": "documents"}}  # fmt: skip
+    (version / "manifest.json").write_text(manifest.model_dump_json())
+    missing = loram("original", str(version))
+    assert missing.returncode == 2
+    assert f"Rebuild it with `loram original --build {version}`" in " ".join(missing.stderr.split())
+    rebuilt = loram("original", "--build", str(version))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.strip() == str(consumer / built.name)
+    assert f"fingerprint {base_fingerprint(str(built))} matches" in rebuilt.stderr
+    other = version.parent / "other"
+    other.mkdir()
+    manifest.base = {"source": "/models/llama", "original": {"kind": "path", "path": "/models/llama"}}
+    (other / "manifest.json").write_text(manifest.model_dump_json())
+    refused = loram("original", "--build", str(other))
+    assert refused.returncode == 2 and "--build rebuilds only the demo base" in " ".join(
+        refused.stderr.split()
+    )

@@ -454,7 +454,9 @@ def test_merge_names_its_own_flag_when_the_original_is_missing(tmp_path) -> None
         merge("/nope", tmp_path / "full", tmp_path / "merged")
     assert "base.source" not in str(err.value) and not (tmp_path / "merged").exists()
     config = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
-    (tmp_path / "full" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    (tmp_path / "full" / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": None})
+    )
     with pytest.raises(LoramError, match=r"names no base model \(base_model_name_or_path\); pass --original"):
         merge(None, tmp_path / "full", tmp_path / "merged")
 
@@ -505,7 +507,7 @@ def test_cli_recover_with_a_pruned_original_refuses_in_one_paragraph_without_a_p
     result = subprocess.run(
         [sys.executable, "-m", "loram_provider.flows.cli", "recover", "--base", str(pruned), "--adapter",
          str(tmp_path / "small"), "--out", str(tmp_path / "rec"), "--original", str(pruned)],
-        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,  # a prompt would read EOF, not hang
     )  # fmt: skip
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
