@@ -134,10 +134,11 @@ def version_lines(manifest, uri: str) -> list[tuple[str, str]]:
 
 
 def print_version(console: Console, manifest, uri: str) -> None:
-    """`loram inspect`'s summary table (`--json` prints the manifest instead)."""
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for label, text in version_lines(manifest, uri):
-        table.add_row(label, text)
-    console.print(table, highlight=False)
+    """`loram inspect`'s summary, one row a line (`--json` prints the manifest instead).
+
+    Never wrapped nor clipped at the terminal's width: a URI or the pull command stays whole, to copy.
+    """
+    rows = version_lines(manifest, uri)
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        console.print(f"{label:<{width}}  {text}", highlight=False, markup=False, soft_wrap=True)
