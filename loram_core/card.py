@@ -70,17 +70,23 @@ model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag}, dtype="bfloat
     cpu_note = _cpu_nf4_note(remote_code) if nf4 else ""
     if not remote_code:
         return f"{code}\n\nThe layers keep the original's shapes, so the stock architecture loads it as is.{cpu_note}"
+    # Only what the version holds: a version without model-nf4/ says nothing of it (issue 23).
+    ships = "`model/` and `model-nf4/` therefore ship" if nf4 else "`model/` therefore ships"
+    nf4_paths = (
+        " On CPUs with AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack "
+        "(output not a multiple of 32, or input not a multiple of 64) run its generic path: same result, slower."
+        if nf4
+        else ""
+    )
     return f"""{code}
 
-Pruned layers are narrower than the others, which no stock architecture expresses. `model/` and
-`model-nf4/` therefore ship `modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take
-the widths in `config.json`'s `loram` section (it imports only torch and transformers; read it before
-you trust it). Without `trust_remote_code=True` transformers stops with "... contains custom code which
-must be executed to correctly load the model ... Please pass the argument `trust_remote_code=True`"
-(in an interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the
-family class itself (e.g. `LlamaForCausalLM`) would build the original's widths. On CPUs with
-AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack (output not a
-multiple of 32, or input not a multiple of 64) run its generic path: same result, slower.{cpu_note}"""
+Pruned layers are narrower than the others, which no stock architecture expresses. {ships}
+`modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take the widths in `config.json`'s
+`loram` section (it imports only torch and transformers; read it before you trust it). Without
+`trust_remote_code=True` transformers stops with "... contains custom code which must be executed to
+correctly load the model ... Please pass the argument `trust_remote_code=True`" (in an interactive
+terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the family class itself
+(e.g. `LlamaForCausalLM`) would build the original's widths.{nf4_paths}{cpu_note}"""
 
 
 def model_card(m: Manifest, bucket_uri: str, remote_code: bool | None = None) -> str:
@@ -118,7 +124,7 @@ masks in `masks/masks.safetensors`, and use it on the original model.
 ## Get it
 
 ```bash
-pip install loram-provider   # the `loram` command; or `pip install .` in a checkout of it
+# the loram command: pip install . in a checkout of loram-provider (its README: Installing)
 loram pull {uri} {dest}      # downloads, checks every sha256 against manifest.json
 loram inspect {uri}          # or verify it in place
 ```
