@@ -121,7 +121,8 @@ class _RunName(logging.Filter):
     """Give each record the task or flow run it belongs to (`run`), as Prefect's console shows it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or "-"
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" | {run}" if run else ""
         return True
 
 
@@ -178,7 +179,7 @@ def route_console(log_file: Path, prefect: bool = True) -> Path:
     file_handler = logging.FileHandler(log_file, delay=True)
     file_handler.addFilter(_RunName())
     file_handler.setFormatter(
-        logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s | %(run)s - %(message)s")
+        logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s%(run)s - %(message)s")
     )
     logging.getLogger().addHandler(file_handler)  # every logger propagates here (Prefect's included)
     logging.captureWarnings(True)  # Python warnings become `py.warnings` records: the file, not the terminal

@@ -167,8 +167,10 @@ class StepProgress:
     def finish(self, reused: str | None = None) -> None:
         """Close the step card: how long it took, or that its output (`reused`) was reused."""
         with self.lock:
-            if not reused and self.total:
+            if not reused and self.total and self.done < self.total:
                 self.done = self.total  # a finished step did all of it (a byte count may round below)
+                for listener in LISTENERS:
+                    listener(self.name, self.total, self.total, {**self.last, "step": self.total})
             self.context.run(self._card, "reused" if reused else "done", reused)
 
     def __call__(self, event: dict) -> None:
@@ -231,6 +233,9 @@ class StepProgress:
             rows.append(("tokens/s", f"{e['tokens_per_s']:,.0f}"))
         if "mfu" in e:
             rows.append(("MFU", f"{100 * e['mfu']:.1f}%"))
+        elif "tokens_per_s" in e:  # MFU needs the device's peak FLOP/s (known for CUDA GPUs only)
+            where = self.device.split(" ")[0] or "this device"
+            rows.append(("MFU", f"not measured on {where} (no known peak FLOP/s)"))
         if state != "reused":
             rows.append(("elapsed", duration(elapsed)))
         if state == "running" and 0 < self.done < self.total:
@@ -242,7 +247,7 @@ class StepProgress:
             rows.append(("memory", memory_line(self.device.split(" ")[0])))
         rows.append(("updated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")))
         body = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
-        return f"## {self.description}\n\n| | |\n|---|---|\n{body}\n"
+        return f"## {self.description}\n\n| quantity | value |\n|---|---|\n{body}\n"
 
     def _card(self, state: str, reused: str | None = None) -> None:
         markdown = self.card_markdown(state, reused)

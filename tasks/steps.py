@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from loram_core import steps
 from loram_core.config import AlignConfig, PipelineConfig, PruneConfig, QuantizeConfig, RunContext
 from loram_core.device import describe
+from loram_core.report import format_bytes
 from loram_provider.tasks._gpu import gpu_slots
 from loram_provider.tasks._progress import StepProgress, duration, note
 
@@ -178,6 +179,11 @@ def publish(
         cfg, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification, progress
     )
     progress.finish()
+    sent = f"{result['uploaded_files']} files sent ({format_bytes(result['uploaded_bytes'])})"
+    note(
+        "publish",
+        f"{result['status']} {consumer_uri(result['uri'])}: {sent}, {result['skipped_files']} already there",
+    )
     return result
 
 

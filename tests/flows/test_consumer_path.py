@@ -29,15 +29,15 @@ def _env() -> dict[str, str]:
     """The environment a user has after activating the venv: `loram` on PATH, ephemeral Prefect."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh database on a busy machine
+    # A fresh database on a busy machine takes what it takes: no limit of ours (CI's catches a hang).
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(10**9)
     env["COLUMNS"] = "200"  # rich wraps at the terminal's width; keep each table row on one line
     return env
 
 
-def loram(*args: str, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["loram", *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout
-    )
+def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    # No timeout: a busy machine may take minutes (a demo base pretrains); CI's own limit catches a hang.
+    return subprocess.run(["loram", *args], capture_output=True, text=True, cwd=cwd, env=_env())
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +61,14 @@ def _shell(lines: str, cwd: Path) -> list[subprocess.CompletedProcess]:
     """Each command line of a ```bash block, as typed (comments after `#` are the shell's)."""
     done = []
     for line in lines.strip().splitlines():
-        if line.startswith("pip install"):  # the venv has it already
-            continue
-        result = subprocess.run(
-            line, shell=True, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600
-        )
+        result = subprocess.run(line, shell=True, capture_output=True, text=True, cwd=cwd, env=_env())
         assert result.returncode == 0, (line, result.stderr[-3000:])
         done.append(result)
     return done
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=_env(),
-                            timeout=600)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -128,12 +123,17 @@ def test_loram_run_prints_only_its_own_lines_and_the_log_file_has_the_rest(bucke
     """Prefect's lines, Python warnings and libraries' bars go to the run's log file, not the terminal."""
     run = bucket["run"]
     assert run.stderr == "", run.stderr[-3000:]
-    lines = [line for line in run.stdout.splitlines() if line.strip()]
-    table = re.compile(r"^\s*[┏┃┡│└┗━─╇╈┳┻┬┴┼╭╮╰╯]")
+    lines = [line.rstrip() for line in run.stdout.splitlines() if line.strip()]
+    table = re.compile(r"^\s*[┏┓┃┡┩│└┘┗┛┌┐├┤━─╇╈┳┻┬┴┼╭╮╰╯]")
     ours = [
         re.compile(r"^(prune|align|quantize|evaluate|pretrain-demo-base|publish|verify) +[━╸╺ ]+ \d+/\d+"),
         re.compile(
             r"^(prune|align|quantize|evaluate|publish): (done in \S+( \S+)? on cpu \(.+\)|reused .+)$"
+        ),
+        re.compile(r"^pretrain-demo-base: done in \S+( \S+)?: \S+/demo-base-[0-9a-f]{16}$"),
+        re.compile(  # the publish note: what was sent, what the bucket had already
+            r"^publish: (published|unchanged) file://\S+/demo-llama/\d{8}-\d{6}: \d+ files sent "
+            r"\([\d,]+(\.\d+)? (B|KiB|MiB|GiB)\), \d+ already there$"
         ),
         re.compile(r"^(published|unchanged) file://\S+/demo-llama/\d{8}-\d{6}$"),  # where the version is
         re.compile(

@@ -173,7 +173,7 @@ def test_each_step_has_one_live_card_updated_in_place(prefect_server, cache: Pat
     assert set(cards) == {"step-prune", "step-align", "step-evaluate", "step-publish"}
     align = cards["step-align"]["data"]
     for row in ("| state | done |", "| step | 12 / 12 (100%) |", "| training loss |", "| held-out loss |",
-                "| original's held-out loss |", "| tokens/s |", "| elapsed |", "| device | cpu (", "peak RSS (host)"):  # fmt: skip
+                "| original's held-out loss |", "| tokens/s |", "| MFU | not measured on cpu (no known peak FLOP/s) |", "| elapsed |", "| device | cpu (", "peak RSS (host)"):  # fmt: skip
         assert row in align, row
     assert "\n| -" not in align  # no cell the UI would turn into a bullet
     publish = cards["step-publish"]["data"]
