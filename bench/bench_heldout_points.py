@@ -33,7 +33,9 @@ def _best(fn, repeats: int) -> float:
 
 def main() -> None:
     """Time a training step and a held-out point; print the ratio."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=16, help="align.batch_size (the demo's: 16)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
