@@ -1,13 +1,20 @@
-"""Quality on the demo's pretrained base at several thread counts: how far apart settings are, how much they move.
+"""Quality on the demo's pretrained base (and a larger one): how far apart settings are, how much they move.
 
-Held-out perplexity of each pruning setting (SparseGPT, Wanda and magnitude at 50% and 2:4; Taylor
-and random structured at ratio 0.5) and of the demo's prune -> align recipe, each measured in a
-fresh process per torch thread count. The spread between thread counts (and the gaps between
-settings) is what sizes the margins of the slow quality tests (`tests/loram_core/prune/test_quality.py`,
-`tests/loram_core/test_steps.py`); the orderings with small gaps live here, not in the tests.
+Four tables, each its own section of bench/QUALITY.md (a run rewrites only its own):
+- `spread` (default): held-out perplexity of each pruning setting (SparseGPT, Wanda and magnitude at
+  50% and 2:4; Taylor and random structured at ratio 0.5) and of the demo's prune -> align recipe,
+  each measured in a fresh process per torch thread count. The spread between thread counts (and
+  the gaps between settings) is what sizes the margins of the slow quality tests
+  (`tests/loram_core/prune/test_quality.py`, `tests/loram_core/test_steps.py`); the orderings with
+  small gaps live here, not in the tests.
+- `estimators`: structured 0.65 with each of LLM-Pruner's Taylor estimators and group reductions.
+- `sequential`: SparseGPT with and without `prune.true_sequential`.
+- `owl`: uniform vs OWL layer-wise sparsity at 50/60/70% unstructured, per model (`--models`).
 
     nice -n 10 .venv/bin/python bench/bench_quality.py                 # threads 1 2 4 -> bench/QUALITY.md
     .venv/bin/python bench/bench_quality.py --threads 1 2 --align-steps 100 --out /tmp/q.md
+    nice -n 10 .venv/bin/python bench/bench_quality.py --table estimators
+    nice -n 10 .venv/bin/python bench/bench_quality.py --table owl --models demo larger
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `bench._models`, `bench._quality_tables`
 
 # name -> PruneConfig fields; calibration: the first 32 training blocks, as the tests use.
 SETTINGS: dict[str, dict] = {
@@ -87,9 +95,7 @@ def report(
     threads = sorted(runs)
     names = list(runs[threads[0]])
     lines = [
-        "# Quality on the demo base: perplexities, their spread over thread counts, gaps between settings",
-        "",
-        "Made by `bench/bench_quality.py`; re-run it to refresh this file:",
+        "## Perplexities of pruning settings, their spread over thread counts, gaps between settings",
         "",
         "```",
         " ".join(["nice -n 10 .venv/bin/python bench/bench_quality.py", *sys.argv[1:]]),
@@ -146,7 +152,28 @@ def main() -> None:
         "--base", help="another base checkpoint of the demo's shape and tokenizer (default: the demo's)"
     )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: one thread count
+    parser.add_argument(
+        "--table",
+        choices=["spread", "estimators", "sequential", "owl"],
+        default="spread",
+        help="spread: settings x thread counts (the default); the others run once, at --threads[0]",
+    )
+    parser.add_argument("--models", nargs="+", default=["demo"], help="bench/_models.py names (demo, larger)")
+    parser.add_argument("--calib", type=int, default=32, help="calibration blocks (training blocks)")
+    parser.add_argument(
+        "--calib-start", type=int, default=0, help="first calibration block; >0 writes a section of its own"
+    )
+    parser.add_argument("--owl-m", type=float, default=5.0)
+    parser.add_argument("--owl-lambda", type=float, default=0.08)
     args = parser.parse_args()
+    if args.table != "spread":
+        import torch
+
+        from bench._quality_tables import run
+
+        torch.set_num_threads(args.threads[0])
+        run(args.table, args.models, args.calib, args.out, args.owl_m, args.owl_lambda, args.calib_start)
+        return
     if args.child is not None:
         print(json.dumps(child(args.child, args.align_steps, args.base)))
         return
@@ -162,7 +189,9 @@ def main() -> None:
         runs[t] = json.loads(out.strip().splitlines()[-1])
         print(f"threads={t}: {runs[t]}", flush=True)
     text = report(runs, args.align_steps, time.time() - start, args.base)
-    args.out.write_text(text)
+    from bench._quality_tables import write_section
+
+    write_section(args.out, "spread", text)
     print(text)
 
 

@@ -164,6 +164,7 @@ def plan(
     ratio: Annotated[Optional[float], typer.Option(help="fraction removed")] = None,  # noqa: UP045
     keep_first: Annotated[Optional[int], typer.Option(help="leading layers left dense")] = None,  # noqa: UP045
     keep_last: Annotated[Optional[int], typer.Option(help="trailing layers left dense")] = None,  # noqa: UP045
+    round_to: Annotated[Optional[int], typer.Option(help="MLP widths rounded down to a multiple")] = None,  # noqa: UP045
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON object")] = False,
 ) -> None:
     """Widths, parameter counts and HBM of a pruning config, with no weights loaded.
@@ -173,10 +174,11 @@ def plan(
     """
     from loram_core.config import load_config, parse_config
     from loram_core.demo import base_model_config
+    from loram_core.prune.plan import loading, read_model_config
     from loram_core.prune.plan import plan as make_plan
-    from loram_core.prune.plan import read_model_config
 
-    options = {"strategy": strategy, "ratio": ratio, "keep_first": keep_first, "keep_last": keep_last}
+    options = {"strategy": strategy, "ratio": ratio, "keep_first": keep_first, "keep_last": keep_last,
+               "round_to": round_to}  # fmt: skip
     try:
         if source.suffix in (".yaml", ".yml"):
             pipeline = load_config(source)
@@ -186,13 +188,14 @@ def plan(
         else:
             model_config = read_model_config(source)
             prune = {"strategy": strategy or "structured", "ratio": 0.5 if ratio is None else ratio,
-                     "keep_first": keep_first, "keep_last": keep_last}  # fmt: skip
+                     "keep_first": keep_first, "keep_last": keep_last, "round_to": round_to or 1}  # fmt: skip
         prune_cfg = parse_config({"prune": prune}, source="command-line options").prune
         p = make_plan(model_config, prune_cfg)
+        how = loading(model_config, prune_cfg)
     except LoramError as err:
         _fail(err)
     if as_json:
-        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**p.to_dict(), "loading": how}, indent=2) + "\n")
         return
     table = Table(title=f"{prune_cfg.strategy} at {prune_cfg.ratio}")
     for col in ("layer", "heads", "kv heads", "intermediate"):
@@ -205,6 +208,42 @@ def plan(
         f"parameters {p.original_params:,} -> {p.pruned_params:,} ({p.reduction:.2f}x); HBM {format_gib(p.hbm_gb)} bf16, "
         f"{format_gib(p.hbm_gb_4bit)} 4-bit (QLoRAM accounting), {format_gib(p.hbm_gb_4bit_actual)} 4-bit actual"
     )
+    console.print(_loading_line(how, prune_cfg.strategy))
+    for line in _plan_notes(p, prune_cfg):
+        console.print(line, highlight=False)
+
+
+def _loading_line(how: str, strategy: str) -> str:
+    """The plan's sentence on how a consumer loads the published 16-bit model."""
+    if how == "remote code":
+        return (
+            "loading: layers of different widths, so model/ ships modeling_loram.py "
+            "(AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); keep_first=0 keep_last=0 "
+            "gives uniform widths that load stock"
+        )
+    what = "the original's shapes" if strategy in ("semi", "unstructured") else "uniform widths"
+    return (
+        f"loading: stock AutoModelForCausalLM.from_pretrained, no remote code ({what}, a plain family config)"
+    )
+
+
+def _plan_notes(p, cfg) -> list[str]:
+    """What the table leaves out: width rounding, and the per-layer ratios of a sparse plan."""
+    notes = []
+    if p.unrounded_intermediate is not None and p.round_to > 1:
+        kept = p.layers[p.pruned_layers[0]]["intermediate"]
+        notes.append(f"MLP widths rounded down to multiples of {p.round_to} (prune.round_to): "
+                     f"{p.unrounded_intermediate:,} -> {kept:,} channels per pruned layer")  # fmt: skip
+    if p.layerwise == "owl":
+        notes.append(
+            f"layer ratios: OWL (prune.owl_m={cfg.owl_m:g}, prune.owl_lambda={cfg.owl_lambda:g}) decides them at "
+            "prune time from the dense model's Wanda scores on the calibration data, each within "
+            f"{cfg.ratio - cfg.owl_lambda:g}..{cfg.ratio + cfg.owl_lambda:g} and averaging {cfg.ratio:g}; the "
+            "pruned checkpoint's config.json records them (loram.layer_ratios), and the masks file too"
+        )
+    elif p.layer_ratios is not None:
+        notes.append(f"layer ratios: {p.layer_ratios[0]:g} in every pruned layer (prune.layerwise=uniform)")
+    return notes
 
 
 @app.command()

@@ -33,6 +33,35 @@ def consumer_uri(bucket_uri: str) -> str:
     return uri
 
 
+# Hugging Face's model-tree relations are adapter, merge, quantized and finetune. A LoRAM base is the
+# original's weights pruned and then trained further (continual pre-training): a finetune, not a
+# pure quantization (its NF4 variant rides along in the same version), a merge or an adapter.
+BASE_MODEL_RELATION = "finetune"
+
+
+def hf_metadata(m: Manifest) -> str:
+    """The YAML block that opens the card: the hub's `base_model`, relation, library, tags, license.
+
+    `base_model` (and so `base_model_relation`) only when the original's repo id is known (a hub
+    source, or a local hub-cache snapshot); `license` (with `license_name` / `license_link`) as the
+    original's card or config states it.
+    """
+    import yaml
+
+    meta: dict = {}
+    repo_id = m.base.get("repo_id")
+    if repo_id:
+        meta["base_model"] = repo_id
+        meta["base_model_relation"] = BASE_MODEL_RELATION
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["loram", "pruned", m.prune["strategy"]]
+    for key in ("license", "license_name", "license_link"):
+        if m.base.get(key):
+            meta[key] = m.base[key]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n"
+
+
 CPU_NF4_RECIPE = """for m in model_4bit.modules():  # before its first forward
     if hasattr(m, "support_avx512bf16_for_cpu"):
         m.support_avx512bf16_for_cpu = False"""
@@ -59,48 +88,73 @@ layers (a LoRA before them learns nothing, silently). Keep its generic path, whi
 GPUs are unaffected; the result is the same, only slower."""
 
 
-def _load_section(remote_code: bool, nf4: bool, dest: str) -> str:
-    flag = ", trust_remote_code=True" if remote_code else ""
+def _load_section(remote_code: dict[str, bool], nf4: bool, dest: str) -> str:
+    def flag(variant: str) -> str:
+        return ", trust_remote_code=True" if remote_code.get(variant) else ""
+
+    nf4_line = (
+        f"model_4bit = AutoModelForCausalLM.from_pretrained({dest + '/model-nf4'!r}{flag('model-nf4')})"
+        "  # QLoRAM: needs bitsandbytes\n"
+    )
     code = f"""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{dest}/model"{flag})
-model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag}, dtype="bfloat16")
-{"model_4bit = AutoModelForCausalLM.from_pretrained(" + repr(dest + "/model-nf4") + flag + ")  # QLoRAM: needs bitsandbytes" + chr(10) if nf4 else ""}```"""
-    cpu_note = _cpu_nf4_note(remote_code) if nf4 else ""
-    if not remote_code:
-        return f"{code}\n\nThe layers keep the original's shapes, so the stock architecture loads it as is.{cpu_note}"
-    # Only what the version holds: a version without model-nf4/ says nothing of it (issue 23).
-    ships = "`model/` and `model-nf4/` therefore ship" if nf4 else "`model/` therefore ships"
-    nf4_paths = (
-        " On CPUs with AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack "
-        "(output not a multiple of 32, or input not a multiple of 64) run its generic path: same result, slower."
-        if nf4
-        else ""
-    )
+tokenizer = AutoTokenizer.from_pretrained("{dest}/model"{flag("model")})
+model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag("model")}, dtype="bfloat16")
+{nf4_line if nf4 else ""}```"""
+    # The CPU training note depends on whether model-nf4/'s shipped code already routes around the kernel.
+    cpu_note = _cpu_nf4_note(bool(remote_code.get("model-nf4"))) if nf4 else ""
+    shipping = [f"`{v}/`" for v in ("model", "model-nf4") if remote_code.get(v)]
+    if not shipping:
+        return f"{code}\n\n{_stock_note(remote_code)}{cpu_note}"
     return f"""{code}
 
-Pruned layers are narrower than the others, which no stock architecture expresses. {ships}
-`modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take the widths in `config.json`'s
-`loram` section (it imports only torch and transformers; read it before you trust it). Without
-`trust_remote_code=True` transformers stops with "... contains custom code which must be executed to
-correctly load the model ... Please pass the argument `trust_remote_code=True`" (in an interactive
-terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the family class itself
-(e.g. `LlamaForCausalLM`) would build the original's widths.{nf4_paths}{cpu_note}"""
+{" and ".join(shipping)} {"ships" if len(shipping) == 1 else "ship"} `modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take
+the widths in `config.json`'s `loram` section (it imports only torch and transformers; read it before
+you trust it). Pruned layers narrower than the others are something no stock architecture expresses.
+Without `trust_remote_code=True` transformers stops with "... contains custom code which must be
+executed to correctly load the model ... Please pass the argument `trust_remote_code=True`" (in an
+interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the family
+class itself (e.g. `LlamaForCausalLM`) would build the original's widths.{_nf4_paths() if nf4 else ""}{cpu_note}"""
 
 
-def model_card(m: Manifest, bucket_uri: str, remote_code: bool | None = None) -> str:
-    """Markdown: what the version is, how a consumer gets, loads, trains and recovers it, its numbers.
+def _nf4_paths() -> str:
+    """Of `model-nf4/` only: a version without it says nothing of it (issue 23)."""
+    return (
+        " An NF4 variant also ships the code when its widths are ones bitsandbytes' AVX512-BF16 CPU kernel "
+        "cannot repack. On CPUs with AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot "
+        "repack (output not a multiple of 32, or input not a multiple of 64) run its generic path: same result, "
+        "slower."
+    )
+
+
+def _stock_note(remote_code: dict[str, bool]) -> str:
+    return (
+        "Every layer has the same widths, so `config.json` is a plain family config (the pruned widths in "
+        "its standard fields, `head_dim` explicit, the original's shapes in its `loram` section): the stock "
+        "architecture loads it as is (`AutoModelForCausalLM.from_pretrained`, no `trust_remote_code`)."
+        if remote_code.get("uniform")
+        else "The layers keep the original's shapes, so the stock architecture loads it as is."
+    )
+
+
+def model_card(m: Manifest, bucket_uri: str, remote_code: bool | dict[str, bool] | None = None) -> str:
+    """Markdown: Hugging Face metadata, what the version is, how a consumer gets, loads, trains and
+    recovers it, its numbers.
 
     Args:
         m: the version's manifest (its `files` may still be empty).
         bucket_uri: the bucket the version is published to, as configured (may be relative).
-        remote_code: whether `model/` ships `modeling_loram.py`; default: structured strategies do.
+        remote_code: per variant (`model`, `model-nf4`), whether it ships `modeling_loram.py`, and
+            `uniform` when a structured base loads stock because its widths are uniform; a bool
+            applies to both variants; default: structured strategies ship it.
     """
     p, metrics, prune = m.params, m.metrics, m.prune
+    nf4 = bool(m.quantize.get("enabled"))
     if remote_code is None:
         remote_code = prune["strategy"] not in SPARSE
-    nf4 = bool(m.quantize.get("enabled"))
+    if isinstance(remote_code, bool):
+        remote_code = {"model": remote_code, "model-nf4": remote_code and nf4}
     uri = f"{consumer_uri(bucket_uri)}/{m.name}/{m.version}"
     dest = f"./{m.name}-{m.version}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
@@ -114,7 +168,9 @@ def model_card(m: Manifest, bucket_uri: str, remote_code: bool | None = None) ->
     what = "the aligned pruned model" if aligned else "the pruned model (not aligned)"
     recovery = recovery_sentence(metrics) if aligned else ""
     recovery = recovery[:1].upper() + recovery[1:] + ("." if recovery else "")
-    return f"""# {m.name} {m.version}
+    return (
+        hf_metadata(m)
+        + f"""# {m.name} {m.version}
 
 A LoRAM base (Zhang et al., "Train Small, Infer Large", arXiv 2502.13533): the `{m.base["model_type"]}`
 model `{m.base["source"]}` pruned with strategy **{prune["strategy"]}** at ratio {prune["ratio"]} (layers
@@ -137,7 +193,7 @@ loram inspect {uri}          # or verify it in place
 
 ## Train a LoRA on it
 
-{train_snippet(dest, bool(remote_code))}
+{train_snippet(dest, bool(remote_code.get("model")))}
 
 ## Recover it for the original model
 
@@ -177,7 +233,9 @@ loram merge --adapter my-lora-full --out my-model   # the original the adapter n
 
 Memory in binary units (1 GiB = 2^30 bytes). Base fingerprint `{m.base["fingerprint"]}`; corpus
 fingerprint `{m.corpus.get("fingerprint", "n/a")}`; code `{m.code_version}`.
-""" + verification_markdown(m.verification)
+"""
+        + verification_markdown(m.verification)
+    )
 
 
 def version_size_rows(params: dict, nf4: bool) -> list[tuple[str, int | float | str]]:

@@ -26,11 +26,13 @@ INDEX = "model.safetensors.index.json"
 BUCKET_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
 
 
-def check_base(path: Path) -> PretrainedConfig:
+def check_base(path: Path, weights: bool = True) -> PretrainedConfig:
     """Check a base checkpoint directory: its config and its weights (headers only).
 
     Args:
         path: the directory `base.source` names.
+        weights: check the safetensors files too (False: a hub snapshot whose weights the base
+            step downloads later).
 
     Returns:
         The model's config.
@@ -59,7 +61,8 @@ def check_base(path: Path) -> PretrainedConfig:
             f"base.source={str(path)!r}: transformers cannot read {config_file}: {err}"
         ) from None
     family_of(config)  # an unsupported model_type names the supported families
-    check_weights(path)
+    if weights:
+        check_weights(path)
     return config
 
 
@@ -420,6 +423,15 @@ def _reach(uri: str, call):
         ) from None
 
 
+def _hub_weights_pending(cfg: PipelineConfig, path: Path) -> bool:
+    """Whether `path` is a hub snapshot whose weights are not downloaded yet."""
+    from loram_core.hub import parse_hub_id, weight_files
+
+    if cfg.base.source == "demo" or parse_hub_id(cfg.base.source) is None:
+        return False
+    return not all((path / f).is_file() for f in weight_files(path))
+
+
 _CHECKED: set[str] = set()  # fingerprints of configs the preflight passed in this process, for this run
 
 
@@ -455,17 +467,23 @@ def preflight(cfg: PipelineConfig) -> None:
 
     if fingerprint(cfg.model_dump(mode="json")) in _CHECKED:
         return
-    path = base_path(cfg)
+    # A hub id: its repo, revision and access are checked now, from config, tokenizer and card alone
+    # (gigabytes of weights are the base step's download, unless the hub cache already holds them).
+    path = base_path(cfg, weights=False)
     tokenizer = None
     if path is not None:
-        num_layers = check_base(path).num_hidden_layers
+        num_layers = check_base(path, weights=not _hub_weights_pending(cfg, path)).num_hidden_layers
         tokenizer = check_tokenizer(path)
     else:
         num_layers = cfg.base.demo.num_hidden_layers
         check_writable(cfg.base.cache_dir, "base.cache_dir")
     cfg.prune.layer_range(num_layers)
     compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
-    if cfg.corpus.paths != "demo" and cfg.reads_corpus():  # a corpus no step reads is not checked
+    if cfg.corpus.mix is not None and cfg.reads_corpus():  # each source readable (datasets streamed)
+        from loram_core.corpus_mix import check_mix
+
+        check_mix(cfg.corpus.mix, cfg.base.cache_dir)
+    elif cfg.corpus.paths != "demo" and cfg.reads_corpus():  # a corpus no step reads is not checked
         fraction, unit = heldout_rule(cfg)
         corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
         check_corpus(corpus, cfg.base.cache_dir, tokenizer, heldout_unit=unit)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loram_core.device import DEVICE_PATTERN
-from loram_core.errors import ConfigError
+from loram_core.errors import ConfigError, LoramError
 from loram_core.manifest import NAME_MAX, NAME_PATTERN
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
@@ -66,11 +66,107 @@ class BaseConfig(_Section):
 
     source: str = Field(
         "demo",
-        description="`demo` (build the embedded small model) or a directory holding a transformers "
-        "checkpoint (config.json, safetensors weights, tokenizer).",
+        description="`demo` (build the embedded small model); a directory holding a transformers checkpoint "
+        "(config.json, safetensors weights, tokenizer); `s3://BUCKET/PREFIX` of one; or a Hugging Face hub id "
+        "`ORG/NAME` or `ORG/NAME@REVISION` (branch, tag or commit; fetched with HF_TOKEN into the hub cache, "
+        "offline from it with HF_HUB_OFFLINE=1). The rule: `hf://ORG/NAME[@REV]` is always the hub; a path "
+        "that exists here is that directory; otherwise ORG/NAME[@REV] is a hub id.",
     )
     demo: DemoBaseConfig = DemoBaseConfig()
     cache_dir: str = Field("~/.cache/loram-provider", description="Where the demo model is cached.")
+
+    @field_validator("source")
+    @classmethod
+    def _hub_form(cls, value: str) -> str:
+        from loram_core.hub import parse_hub_id
+
+        if value.startswith("hf://"):
+            try:
+                parse_hub_id(value)
+            except LoramError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+
+class DatasetSource(_Section):
+    """A dataset read through `datasets.load_dataset`: on the Hugging Face hub (offline from the
+    datasets cache with HF_HUB_OFFLINE=1) or a local dataset folder."""
+
+    name: str = Field(
+        description="Hub dataset id `ORG/NAME` (e.g. HuggingFaceFW/fineweb), or a local dataset folder."
+    )
+    config: str | None = Field(None, description="The dataset's configuration (subset), e.g. `sample-10BT`.")
+    split: str = Field("train", description="Split to read (`train`, or a slice such as `train[:10%]`).")
+    text_field: str = Field("text", description="The column holding the text.")
+    streaming: bool = Field(
+        False,
+        description="Read record by record without downloading the whole split first (what a few million "
+        "tokens of a multi-terabyte dataset need; the mix's token budget bounds what is read).",
+    )
+    revision: str | None = Field(None, description="Branch, tag or commit of the dataset repo; unset: main.")
+
+
+class MixSource(_Section):
+    """One source of `corpus.mix`: files (`paths`) or a dataset (`dataset`), and its share of the tokens."""
+
+    paths: list[str] | None = Field(
+        None,
+        description="Files/globs of text, jsonl or parquet (local or s3://), or `hf://datasets/ORG/NAME`.",
+    )
+    format: Literal["auto", "text", "json", "parquet"] = "auto"
+    text_field: str = Field(
+        "text", description="The field holding the text (jsonl/parquet records of `paths`)."
+    )
+    dataset: DatasetSource | None = None
+    weight: float = Field(gt=0, description="Share of the mix's tokens (weights are normalized to sum to 1).")
+    label: str | None = Field(
+        None, description="Name in the manifest's record of tokens drawn; unset: derived."
+    )
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MixSource:
+        if (self.paths is None) == (self.dataset is None):
+            raise ValueError(
+                "a corpus.mix source has either `paths` (files) or `dataset` (a datasets source), not both"
+            )
+        return self
+
+    def describe(self) -> str:
+        """The source's label: `label`, the dataset (`name[/config]:split`), or its first path."""
+        if self.label:
+            return self.label
+        if self.dataset is not None:
+            d = self.dataset
+            return f"{d.name}{'/' + d.config if d.config else ''}:{d.split}"
+        return self.paths[0] + (f" (+{len(self.paths) - 1})" if len(self.paths) > 1 else "")
+
+
+class CorpusMix(_Section):
+    """Several sources interleaved into one corpus, each drawn to its share of a token budget.
+
+    Documents are drawn one at a time from a source chosen at random (seeded) among those still below
+    their share, the chance proportional to its weight, until every source has its share (the document
+    that crosses it is kept whole) or, with `first_exhausted`, one runs out. Tokens are counted with the
+    base model's tokenizer; how many each source gave is recorded in the manifest.
+    """
+
+    sources: list[MixSource] = Field(min_length=1, description="The sources and their weights.")
+    tokens: int = Field(
+        ge=1, description="Total token budget of the mix (before the held-out split and max_tokens)."
+    )
+    seed: int = Field(
+        0, description="Seed of the interleaving: the same seed draws the same documents in the same order."
+    )
+    stopping: Literal["first_exhausted", "all_exhausted"] = Field(
+        "all_exhausted",
+        description="A source that runs out before its share: `all_exhausted` starts it over (its documents repeat, "
+        "as datasets.interleave_datasets' oversampling and the LoRAM reference do), `first_exhausted` ends the mix.",
+    )
 
 
 class CorpusConfig(_Section):
@@ -78,8 +174,12 @@ class CorpusConfig(_Section):
 
     paths: list[str] | Literal["demo"] = Field(
         "demo",
-        description="`demo` (text the project builds from the Python standard library's documentation) "
-        "or files/globs of text, jsonl or parquet.",
+        description="`demo` (text the project builds from the Python standard library's documentation), "
+        "files/globs of text, jsonl or parquet, or `hf://datasets/ORG/NAME[@REV]` (its train split via `datasets`).",
+    )
+    mix: CorpusMix | None = Field(
+        None,
+        description="Several sources with weights and a token budget, interleaved by seed; replaces `paths`.",
     )
     format: Literal["auto", "text", "json", "parquet"] = "auto"
     text_field: str = "text"
@@ -91,6 +191,16 @@ class CorpusConfig(_Section):
         return _paths_or(value, "demo", "corpus.paths")
 
     max_tokens: int | None = Field(None, ge=1, description="Token budget for the training split.")
+
+    @model_validator(mode="after")
+    def _mix_or_paths(self) -> CorpusConfig:
+        if self.mix is not None and self.paths != "demo":
+            raise ValueError(
+                f"corpus.paths={self.paths} and corpus.mix both name the corpus; list the files as a mix source "
+                "(`paths:` of one of corpus.mix.sources) or drop corpus.mix"
+            )
+        return self
+
     heldout_fraction: float = Field(
         0.05,
         gt=0,
@@ -114,7 +224,19 @@ class PruneConfig(_Section):
         None, ge=0, description="Trailing layers left dense; default 2 (structured) or 0 (sparse)."
     )
     importance: Literal["param_first", "vector", "param_second", "param_mix"] = Field(
-        "param_first", description="Taylor estimator for `structured` (LLM-Pruner's names)."
+        "param_first",
+        description="Taylor estimator for `structured` (LLM-Pruner's `--taylor`; `vector` is its `vectorize`).",
+    )
+    group_reduction: Literal["sum", "mean", "max", "prod", "first"] = Field(
+        "sum",
+        description="How `structured` combines the per-channel scores of a coupled group's linears (LLM-Pruner's "
+        "`--grouping_strategy`, default sum); `first` takes the group's root (gate, and k with GQA or q without).",
+    )
+    round_to: int = Field(
+        1,
+        ge=1,
+        description="Structured strategies: kept MLP widths rounded down to a multiple of this (Torch-Pruning's "
+        "`round_to`; 64 or 128 suit tensor cores); 1 keeps the paper's counts. Heads are whole already.",
     )
     sparse_method: Literal["sparsegpt", "wanda", "magnitude"] = Field(
         "sparsegpt", description="Solver for `semi` and `unstructured`; wanda and magnitude are baselines."
@@ -130,6 +252,22 @@ class PruneConfig(_Section):
     )
     damp: float = Field(0.01, gt=0, description="SparseGPT damping, a fraction of the mean Hessian diagonal.")
     blocksize: int = Field(128, ge=1, description="SparseGPT column block size.")
+    true_sequential: bool = Field(
+        False,
+        description="Sparse strategies: within a layer prune q/k/v, then o, then gate/up, then down, each group "
+        "calibrated on inputs recomputed through the already pruned ones (SparseGPT's `--true-sequential`).",
+    )
+    layerwise: Literal["uniform", "owl"] = Field(
+        "uniform",
+        description="`unstructured` only: `uniform` prunes every layer at `ratio`; `owl` gives layers with more "
+        "outlier Wanda scores a lower ratio (OWL, Yin et al. 2023), averaging to `ratio` over the pruned layers.",
+    )
+    owl_m: float = Field(
+        5.0, gt=0, description="OWL's M: a Wanda score above M x its layer's mean score is an outlier."
+    )
+    owl_lambda: float = Field(
+        0.08, gt=0, lt=0.5, description="OWL's lambda: each layer's ratio stays within `ratio` +- this."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Weights' dtype while pruning (and of the pruned checkpoint); `auto`: bfloat16 on a "
@@ -149,6 +287,24 @@ class PruneConfig(_Section):
     @classmethod
     def _n_m_forms(cls, value: Any) -> Any:
         return parse_n_m(value)
+
+    @model_validator(mode="after")
+    def _owl_needs_unstructured(self) -> PruneConfig:
+        if self.layerwise != "owl":
+            return self
+        if self.strategy != "unstructured":
+            raise ValueError(
+                f"prune.layerwise=owl gives each layer its own sparsity ratio, which only the `unstructured` "
+                f"strategy has (prune.strategy={self.strategy!r}: n:m patterns and structured widths are fixed); "
+                "set prune.strategy=unstructured or prune.layerwise=uniform"
+            )
+        if self.ratio - self.owl_lambda <= 0 or self.ratio + self.owl_lambda >= 1:
+            raise ValueError(
+                f"prune.layerwise=owl moves each layer's ratio by up to prune.owl_lambda={self.owl_lambda} around "
+                f"prune.ratio={self.ratio}, which leaves (0, 1); lower prune.owl_lambda below "
+                f"{min(self.ratio, 1 - self.ratio):g}"
+            )
+        return self
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """The `[start, stop)` range of decoder layers this config prunes."""
@@ -316,12 +472,29 @@ class PublishConfig(_Section):
         description="Whether `<name>/LATEST` moves to this version: `auto` only when the run made what the name "
         "promises (aligned, and quantized unless `quantize.enabled` is false); true always; false never.",
     )
+    max_shard_size: int | str = Field(
+        "5GB",
+        description="Largest safetensors shard of `model/` and `model-nf4/` (save_pretrained's max_shard_size): "
+        "bytes, or a number with KB/MB/GB/TB (decimal) or KiB/MiB/GiB/TiB; more than one shard gets "
+        "model.safetensors.index.json.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="Dtype of the published `model/` (the pruned and the aligned checkpoint are written "
         "in it, so their perplexities are those of the files): `auto` is the base's dtype when it is "
         "bfloat16 or float16, else bfloat16. Alignment trains float32 master weights either way.",
     )
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, value: int | str) -> int | str:
+        from loram_core.hf_layout import parse_size
+
+        try:
+            parse_size(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return value
 
 
 LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -56,8 +56,15 @@ def resolve_patterns(patterns: list[str], cache_dir: str | Path, key: str) -> li
     Raises:
         ConfigError: an entry matches no file (named with `key`, the config key that lists it).
     """
+    from loram_core.hub_datasets import dataset_file, hub_dataset
+
     files: list[str] = []
     for pattern in patterns:
+        if (
+            dataset := hub_dataset(pattern)
+        ) is not None:  # hf://datasets/ORG/NAME: its train split, as parquet
+            files.append(str(dataset_file(dataset, cache_dir, key)))
+            continue
         if "://" in pattern and not pattern.startswith("file://"):
             matches = _fetch_remote(pattern, Path(cache_dir).expanduser() / "corpus-remote")
         else:

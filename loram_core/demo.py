@@ -76,9 +76,11 @@ def demo_architecture(d: DemoBaseConfig, **overrides: Any) -> LlamaConfig:
 def base_model_config(base: BaseConfig) -> PretrainedConfig:
     """The original model's config without loading weights: read from `base.source`, or the demo's."""
     if base.source != "demo":
+        from loram_core.hub import parse_hub_id, snapshot
         from loram_core.prune.plan import read_model_config
 
-        return read_model_config(base.source)
+        hub = parse_hub_id(base.source)  # a hub id: its config.json (with tokenizer and card) only
+        return read_model_config(snapshot(hub, weights=False) if hub else base.source)
     return demo_architecture(base.demo)
 
 

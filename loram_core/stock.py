@@ -1,6 +1,12 @@
 """Make a published model directory load with stock transformers, or fail loudly without our code.
 
-A structurally pruned model keeps the original's standard config fields and records its per-layer
+When every decoder layer has the same widths (a structured base pruned in all its layers:
+`prune.keep_first=0, prune.keep_last=0`), the published `config.json` is a plain family config:
+the pruned widths in the standard fields (`intermediate_size`, `num_attention_heads`,
+`num_key_value_heads`, an explicit `head_dim`) and the original's in `loram.original`, which
+recovery reads. Stock `AutoModelForCausalLM.from_pretrained` builds it, no remote code.
+
+Otherwise a structurally pruned model keeps the original's standard config fields and records its per-layer
 widths in a `loram` section (DESIGN.md), so a stock `*ForCausalLM` would build the original's
 shapes: a 16-bit load fails on a size mismatch, and an NF4 load (where `Linear4bit` takes its
 shapes from the module, not the checkpoint) loads silently wrong. Such a directory therefore ships
@@ -73,6 +79,72 @@ def needs_modeling_code(config: dict) -> bool:
     widths = _layer_widths(config)
     standard = _standard_widths(config)
     return any(w != standard for w in widths) or bool(cpu_unpackable(config))
+
+
+def uniform_widths(config: dict) -> dict[str, int] | None:
+    """The widths every layer shares, when they differ from the standard fields; None otherwise.
+
+    A structured base pruned in all its layers has one width throughout, which the standard
+    fields can say; layers of several widths (or a sparse base, whose shapes are the original's)
+    give None.
+    """
+    widths = _layer_widths(config)
+    first = widths[0]
+    if any(w != first for w in widths) or first == _standard_widths(config):
+        return None
+    return first
+
+
+def plain_family_config(config: dict) -> dict:
+    """`config` with its uniform pruned widths in the standard fields and the original's in `loram.original`.
+
+    `head_dim` becomes explicit: with fewer heads, hidden_size / num_attention_heads no longer
+    gives it. The per-layer lists stay (all equal), so loram_core reads both forms alike.
+    """
+    widths = uniform_widths(config)
+    if widths is None:
+        return config
+    standard = _standard_widths(config)
+    head_dim = config.get("head_dim") or config["hidden_size"] // standard["heads"]
+    original = {"intermediate_size": standard["intermediate"], "num_attention_heads": standard["heads"],
+                "num_key_value_heads": standard["kv_heads"], "head_dim": head_dim}  # fmt: skip
+    out = dict(config)
+    out.update(intermediate_size=widths["intermediate"], num_attention_heads=widths["heads"],
+               num_key_value_heads=widths["kv_heads"], head_dim=head_dim)  # fmt: skip
+    out["loram"] = {**config["loram"], "original": original}
+    return out
+
+
+def original_fields(config: dict) -> dict:
+    """The original model's standard shape fields of a pruned config (either published form)."""
+    original = (config.get("loram") or {}).get("original") or {}
+    return {**config, **original}
+
+
+def loading(config: dict) -> str:
+    """How a consumer loads a pruned checkpoint of this config: `stock` or `remote code`.
+
+    `stock`: the family's own class builds it (a sparse base, or uniform widths as a plain family
+    config); `remote code`: layers of several widths, or NF4 widths bitsandbytes' CPU kernel
+    cannot repack, need the shipped `modeling_loram.py` (`trust_remote_code=True`).
+    """
+    return "remote code" if needs_modeling_code(plain_family_config(config)) else "stock"
+
+
+def make_loadable(model_dir: str | Path) -> bool:
+    """Make a published variant load with stock transformers where its shapes allow, else ship the code.
+
+    Uniform widths: `config.json` is rewritten as a plain family config (`plain_family_config`).
+    Then `ship_modeling_code` adds `modeling_loram.py` where stock classes would still fail.
+
+    Returns:
+        Whether the directory needs `trust_remote_code=True`.
+    """
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("model_type", "").removeprefix(PREFIX) in _CLASS_STEMS and uniform_widths(config):
+        path.write_text(json.dumps(plain_family_config(config), indent=2, sort_keys=True) + "\n")
+    return ship_modeling_code(model_dir)
 
 
 def ship_modeling_code(model_dir: str | Path) -> bool:

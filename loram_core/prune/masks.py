@@ -5,11 +5,14 @@ Consumers read it without our code, so it stays simple:
   sorted int32 indices into the original model;
 - sparse: under each pruned weight's own name, the row-major flattened keep-mask (1 = kept) packed
   eight per byte with `numpy.packbits(..., bitorder="little")` as uint8; the metadata entry under
-  the same name holds the weight's shape as `"rows,cols"`.
+  the same name holds the weight's shape as `"rows,cols"`;
+- sparse, also: metadata `layerwise` (`uniform` or `owl`) and `layer_ratios`, a JSON object of
+  each pruned layer's ratio by layer index (`{"0": 0.68, ...}`): what OWL decided per layer.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,8 @@ class Masks:
     # weight name -> (packed keep-bits uint8, (rows, cols)): packed as soon as a layer is pruned, so a
     # streamed prune holds 1 bit per weight of the model, not a byte.
     sparse: dict[str, tuple[torch.Tensor, tuple[int, int]]] = field(default_factory=dict)
+    layerwise: str | None = None  # sparse: `uniform` or `owl`
+    layer_ratios: dict[int, float] = field(default_factory=dict)  # sparse: layer -> its ratio
 
     def add_sparse(self, name: str, keep: torch.Tensor) -> None:
         """Record a bool keep-mask `[rows, cols]` for the weight `name`."""
@@ -56,8 +61,13 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def save_masks(masks: Masks, path: str | Path) -> None:
+    """Write `masks` to `path` in the `loram-masks` v1 format (see the module docstring)."""
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": FORMAT, "version": VERSION, "strategy": masks.strategy}
+    if masks.layerwise is not None:
+        meta["layerwise"] = masks.layerwise
+    if masks.layer_ratios:
+        meta["layer_ratios"] = json.dumps({str(i): r for i, r in sorted(masks.layer_ratios.items())})
     for i, idx in masks.kept_channels.items():
         tensors[f"model.layers.{i}.mlp.kept_channels"] = idx.to(torch.int32).contiguous()
     for i, idx in masks.kept_kv_heads.items():
@@ -78,7 +88,8 @@ def load_masks(path: str | Path) -> Masks:
                 f"{str(path)!r} is not a {FORMAT} v{VERSION} file (metadata {meta.get('format')!r} "
                 f"v{meta.get('version')!r}); it was not written by loram-provider."
             )
-        masks = Masks(strategy=meta["strategy"])
+        masks = Masks(strategy=meta["strategy"], layerwise=meta.get("layerwise"))
+        masks.layer_ratios = {int(i): r for i, r in json.loads(meta.get("layer_ratios", "{}")).items()}
         for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
             t = f.get_tensor(name)
             layer = int(name.split(".")[2])

@@ -112,13 +112,17 @@ def _base(
 def original_config(base: PrunedBase, original: str | Path | None) -> PretrainedConfig:
     """The original model's config: read from `original` if it is a directory, else derived.
 
-    The pruned config keeps the original's standard fields (hidden, intermediate, heads); only its
-    `loram` section holds the pruned per-layer widths, so dropping it gives the original's shapes.
+    A pruned config whose layers differ in width keeps the original's standard fields (hidden,
+    intermediate, heads) and holds the pruned widths in its `loram` section; a uniformly pruned
+    one (a plain family config, stock-loadable) has the pruned widths in the standard fields and
+    the original's in `loram.original`. Either way the original's shapes come back.
 
     Raises:
         LoramError: `original` is not the model the base was pruned from.
     """
     derived = copy.deepcopy(base.config)
+    for field, value in (derived.loram.get("original") or {}).items():
+        setattr(derived, field, value)
     del derived.loram
     if original is None or not (Path(original) / "config.json").is_file():
         return derived

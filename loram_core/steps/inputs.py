@@ -18,18 +18,30 @@ if TYPE_CHECKING:
     from loram_core.sources import TextBlocks
 
 
-def base_path(cfg: PipelineConfig) -> Path | None:
-    """The base checkpoint directory if the source is a path (None for the demo, built on demand);
-    an `s3://` source is fetched into the work dir first (once; verified against its ETags)."""
-    from loram_core.bucket.inputs import fetch_tree, is_remote
+def base_path(cfg: PipelineConfig, weights: bool = True) -> Path | None:
+    """The base checkpoint directory (None for the demo, built on demand), as `base.source` names it.
 
-    if cfg.base.source != "demo" and is_remote(cfg.base.source):
-        return fetch_tree(cfg.base.source, cfg.workdir)
-    return None if cfg.base.source == "demo" else Path(cfg.base.source).expanduser()
+    An `s3://` source is fetched into the work dir first (once; verified against its ETags); a hub id
+    (`ORG/NAME[@REV]`, see `loram_core.hub`) is the snapshot of its commit in the hub cache, with
+    only its config, tokenizer and card when `weights` is False (the preflight's cheap look).
+    """
+    from loram_core.bucket.inputs import fetch_tree, is_remote
+    from loram_core.hub import parse_hub_id, snapshot
+
+    source = cfg.base.source
+    if source == "demo":
+        return None
+    if is_remote(source):
+        return fetch_tree(source, cfg.workdir)
+    hub = parse_hub_id(source)
+    if hub is not None:
+        return snapshot(hub, weights=weights)
+    return Path(source).expanduser()
 
 
 def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
-    """The original model's checkpoint directory: the given one, or the (cached) demo model."""
+    """The original model's checkpoint directory: the given one (a hub id downloaded), or the demo model."""
+    from loram_core.checks import check_weights
     from loram_core.demo import build_demo_base
     from loram_core.models import load_config
     from loram_core.sources import heldout_rule
@@ -40,16 +52,39 @@ def prepare_base(cfg: PipelineConfig, progress: Progress | None = None) -> str:
         corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
         return str(build_demo_base(cfg.base, corpus, progress, heldout_unit=unit))
     load_config(path)
+    check_weights(path)  # headers only; a hub download was not there yet when the preflight ran
     return str(path)
 
 
-def base_fingerprint(base_dir: str) -> str:
-    """sha256 over the base checkpoint's config and weight files (names and hashes)."""
-    from loram_core.config import fingerprint
+def base_files_sha256(base_dir: str) -> dict[str, str]:
+    """sha256 of every file of the base checkpoint (relative POSIX names; hub-cache links followed)."""
+    from loram_core.hub import is_snapshot, used_files
     from loram_core.manifest import sha256_file
 
-    files = sorted(p for p in Path(base_dir).iterdir() if p.suffix in (".json", ".safetensors"))
-    return fingerprint([(p.name, sha256_file(p)) for p in files])
+    root = Path(base_dir)
+    if is_snapshot(root):  # a hub snapshot: the files a run reads, not whatever else the cache holds
+        return {name: sha256_file(root / name) for name in used_files(root)}
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def base_fingerprint(base_dir: str, hashes: dict[str, str] | None = None) -> str:
+    """sha256 over the base checkpoint's config and weight files (names and hashes).
+
+    Args:
+        base_dir: the checkpoint directory.
+        hashes: `base_files_sha256(base_dir)` when already computed (a large base is read once).
+    """
+    from loram_core.config import fingerprint
+
+    hashes = base_files_sha256(base_dir) if hashes is None else hashes
+    return fingerprint(
+        [
+            (n, h)
+            for n, h in sorted(hashes.items())
+            if "/" not in n and Path(n).suffix in (".json", ".safetensors")
+        ]
+    )
 
 
 def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
@@ -59,7 +94,15 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     from loram_core.data import files_fingerprint, make_blocks, read_documents, resolve_files, save_blocks
     from loram_core.sources import heldout_rule
 
-    files = resolve_files(cfg.corpus, cfg.base.cache_dir)
+    c = cfg.corpus
+    fmt, field, mix = c.format, c.text_field, None
+    if c.mix is not None:  # the drawn documents, one parquet file (loram_core.corpus_mix)
+        from loram_core.corpus_mix import mixed_corpus
+
+        mix_file, mix = mixed_corpus(c.mix, base_dir, cfg.base.cache_dir)
+        files, fmt, field = [str(mix_file)], "parquet", "text"
+    else:
+        files = resolve_files(c, cfg.base.cache_dir)
     corpus_fp = files_fingerprint(files)
     fraction, unit = heldout_rule(cfg)
     key = {"corpus": cfg.corpus.model_dump(), "files": corpus_fp, "base": base_dir}
@@ -70,8 +113,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     if blocks_file.is_file():
         return str(blocks_file)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    docs = read_documents(files, cfg.corpus.format, cfg.corpus.text_field)
-    c = cfg.corpus
+    docs = read_documents(files, fmt, field)
     blocks = make_blocks(docs, tokenizer, c.seq_len, fraction, c.seed, c.max_tokens, c.eval_blocks, unit)
     tmp = tmp_for(out)
     save_blocks(tmp / "blocks.safetensors", blocks, {"fingerprint": corpus_fp})
@@ -82,6 +124,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
         "seq_len": c.seq_len,
         "train_tokens": blocks.train_tokens,
         "heldout_tokens": blocks.heldout.numel(),
+        **({"mix": mix} if mix is not None else {}),  # the tokens drawn from each source
     }
     (tmp / "corpus.json").write_text(json.dumps(info, indent=2))
     return str(commit(tmp, out) / "blocks.safetensors")

@@ -11,6 +11,7 @@ from loram_core.config import PipelineConfig
 from loram_core.steps._common import Progress, fresh
 from loram_core.steps.alignment import train_log
 from loram_core.steps.inputs import (
+    base_files_sha256,
     base_fingerprint,
     corpus_info,
     prepare_calibration,
@@ -62,22 +63,18 @@ def publish(
     from loram_core.card import model_card
     from loram_core.manifest import list_files
     from loram_core.steps._releases import latest_decision, record_published, same_content
-    from loram_core.stock import ship_modeling_code
 
     version = pin_version(cfg).publish.version
     uri = publish_uri(cfg)
     staging = fresh(Path(cfg.workdir).expanduser() / f"publish-{cfg.publish.name}-{version}")
     try:
-        (staging / "model").mkdir()
-        for f in Path(aligned_dir).iterdir():
-            if f.is_file() and f.name != "train_log.json":
-                shutil.copy2(f, staging / "model" / f.name)
         shutil.copytree(Path(aligned_dir) / "masks", staging / "masks")
-        if nf4_dir is not None:
-            shutil.copytree(nf4_dir, staging / "model-nf4")
-        # Per-layer widths: the variant ships its modeling code (auto_map), see loram_core.stock.
-        variants = [staging / v for v in ("model", "model-nf4") if (staging / v).is_dir()]
-        remote_code = any([ship_modeling_code(v) for v in variants])
+        variants = {"model": Path(aligned_dir)} | ({"model-nf4": Path(nf4_dir)} if nf4_dir else {})
+        remote_code = {
+            name: stage_variant(src, staging / name, Path(base_dir), cfg.publish.max_shard_size)
+            for name, src in variants.items()
+        }
+        remote_code["uniform"] = _uniform(staging / "model")
         manifest = _manifest(
             cfg, version, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification
         )
@@ -98,6 +95,30 @@ def publish(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def stage_variant(src: Path, dst: Path, base_dir: Path, max_shard_size: int | str) -> bool:
+    """Stage one variant (`model/` or `model-nf4/`) in the Hugging Face layout; returns whether it
+    needs `trust_remote_code=True`.
+
+    Its weights are re-sharded to at most `max_shard_size`, the original's tokenizer files, chat
+    template and generation config replace the re-saved ones, and its config becomes a plain family
+    config where the widths are uniform, else ships the modeling code where stock classes would fail
+    (`loram_core.stock`).
+    """
+    from loram_core.hf_layout import carry_original_files, copy_variant
+    from loram_core.stock import make_loadable
+
+    copy_variant(src, dst, max_shard_size, skip=("train_log.json",))
+    carry_original_files(base_dir, dst)
+    return make_loadable(dst)
+
+
+def _uniform(model_dir: Path) -> bool:
+    """Whether a staged variant's config is a uniformly pruned plain family config."""
+    import json
+
+    return bool((json.loads((model_dir / "config.json").read_text()).get("loram") or {}).get("original"))
+
+
 def _manifest(
     cfg: PipelineConfig,
     version: str,
@@ -109,7 +130,6 @@ def _manifest(
     verification: dict | None,
 ):
     """The version's manifest (its `files` are filled in once the card is staged too)."""
-    from loram_core.bucket.inputs import provenance
     from loram_core.manifest import Manifest
     from loram_core.models import load_config
 
@@ -120,14 +140,8 @@ def _manifest(
         version=version,
         # LATEST follows publication time: microseconds, so two versions of one second are ordered.
         created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        base={
-            "source": cfg.base.source,
-            "fingerprint": base_fingerprint(base_dir),
-            **provenance(base_dir),  # where an s3:// base was fetched from, each file's sha256
-            "model_type": base_config.model_type,
-            "num_hidden_layers": base_config.num_hidden_layers,
-            "original": _original(cfg, base_dir),  # where a consumer finds it (recover, merge)
-        },
+        # base.original: where a consumer finds the original (recover, merge)
+        base={**_base_record(cfg.base.source, base_dir, base_config), "original": _original(cfg, base_dir)},
         corpus={k: v for k, v in corpus_info(blocks_file).items() if k != "files"},
         calibration={
             **cfg.calibration.model_dump(mode="json"),
@@ -164,6 +178,25 @@ def _original(cfg: PipelineConfig, base_dir: str) -> dict:
         demo = {"demo": cfg.base.demo.model_dump(mode="json"), "cache_dir": cfg.base.cache_dir,
                 "heldout_fraction": fraction, "heldout_unit": unit}  # fmt: skip
     return original_record(cfg.base.source, base_dir, demo)
+
+
+def _base_record(source: str, base_dir: str, base_config) -> dict:
+    """The manifest's `base`: source, fingerprint, where it came from (hub repo id, revision and
+    commit; or the bucket it was fetched from), each file's sha256, the original's license."""
+    from loram_core.bucket.inputs import provenance
+    from loram_core.hub import card_license, origin
+
+    hashes = base_files_sha256(base_dir)
+    return {
+        "source": source,
+        "fingerprint": base_fingerprint(base_dir, hashes),
+        **origin(source, base_dir),  # a hub id: repo_id, revision, commit
+        "files_sha256": hashes,
+        **provenance(base_dir),  # an s3:// base: the URI it was fetched from, the sha256s hashed on the way
+        **card_license(base_dir),
+        "model_type": base_config.model_type,
+        "num_hidden_layers": base_config.num_hidden_layers,
+    }
 
 
 def _train_facts(aligned_dir: str) -> dict:

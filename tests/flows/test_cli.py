@@ -143,6 +143,23 @@ def test_plan_table_is_titled_with_the_resolved_strategy_and_ratio() -> None:
     assert "structured at 0.5" in model.stdout and "None" not in model.stdout
 
 
+def test_plan_shows_round_to_and_says_when_owl_decides_its_ratios(tmp_path: Path) -> None:
+    llama3 = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(llama3))
+    rounded = loram("plan", str(tmp_path), "--ratio", "0.65", "--round-to", "128")
+    assert rounded.returncode == 0, rounded.stderr
+    assert "rounded down to multiples of 128 (prune.round_to): 5,017 -> 4,992 channels" in " ".join(
+        rounded.stdout.split()
+    )
+    (tmp_path / "owl.yaml").write_text("prune:\n  strategy: unstructured\n  layerwise: owl\n")
+    owl = loram("plan", str(tmp_path / "owl.yaml"))
+    assert owl.returncode == 0, owl.stderr
+    text = " ".join(owl.stdout.split())
+    assert "OWL (prune.owl_m=5, prune.owl_lambda=0.08) decides them at prune time" in text
+    assert "0.42..0.58 and averaging 0.5" in text and "loram.layer_ratios" in text
+
+
 def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(tmp_path: Path) -> None:
     """`--until prune` on the flow test's tiny demo: two models scored, nothing aligned anywhere."""
     from loram_core.bucket import verify_version

@@ -96,8 +96,34 @@ def test_a_prune_only_card_describes_only_what_the_version_holds() -> None:
     )
     assert "aligned pruned model" not in card and "aligned to the original" not in card
     assert "model-nf4" not in card and "as NF4 stores it" not in card and "NF4 linears" not in card
-    assert (
-        "`model/` therefore ships\n`modeling_loram.py`" in card
-    )  # the remote-code paragraph, of model/ alone
+    assert "`model/` ships `modeling_loram.py`" in card  # the remote-code paragraph, of model/ alone
     full = model_card(_manifest("random"), "file:///b", remote_code=True)
-    assert "`model/` and `model-nf4/` therefore ship" in full and "as NF4 stores it" in full
+    assert "`model/` and `model-nf4/` ship" in full and "as NF4 stores it" in full and "NF4 linears" in full
+
+
+def test_card_opens_with_hugging_face_metadata_naming_the_original() -> None:
+    from huggingface_hub import ModelCard
+
+    m = _manifest("structured")
+    m.base.update(repo_id="meta-llama/Llama-3.1-8B", license="other", license_name="llama3.1",
+                  license_link="LICENSE")  # fmt: skip
+    card = model_card(m, "s3://bucket")
+    assert card.startswith("---\nbase_model: meta-llama/Llama-3.1-8B\nbase_model_relation: finetune\n")
+    meta = ModelCard(card).data.to_dict()  # the hub's own parser reads the block
+    assert meta["library_name"] == "transformers" and meta["tags"] == ["loram", "pruned", "structured"]
+    assert (meta["license"], meta["license_name"], meta["license_link"]) == ("other", "llama3.1", "LICENSE")
+    # Without a known repo id there is no base_model (nor a relation to it), and no invented license.
+    demo = ModelCard(model_card(_manifest("semi"), "s3://bucket")).data.to_dict()
+    assert "base_model" not in demo and "base_model_relation" not in demo and "license" not in demo
+    assert demo["tags"] == ["loram", "pruned", "semi"]
+
+
+def test_card_loads_each_variant_as_it_ships() -> None:
+    m = _manifest("structured")
+    uniform = model_card(m, "s3://bucket", remote_code={"model": False, "model-nf4": True, "uniform": True})
+    assert 'AutoModelForCausalLM.from_pretrained("./demo-llama-v1/model", dtype="bfloat16")' in uniform
+    assert "from_pretrained('./demo-llama-v1/model-nf4', trust_remote_code=True)" in uniform
+    assert "`model-nf4/` ships `modeling_loram.py`" in uniform
+    stock = model_card(m, "s3://bucket", remote_code={"model": False, "model-nf4": False, "uniform": True})
+    assert "trust_remote_code" not in stock.replace("no `trust_remote_code`", "")
+    assert "plain family config" in stock

@@ -163,3 +163,12 @@ def test_sparsegpt_oneshot_preset_is_prune_only_at_llmcompressor_settings() -> N
         128,
     )
     assert p.layer_range(cfg.base.demo.num_hidden_layers) == (0, cfg.base.demo.num_hidden_layers)
+
+
+@pytest.mark.parametrize("preset", ["gpu-1b.yaml", "llama-3-8b-qloram.yaml"])
+def test_presets_for_real_models_calibrate_on_128_x_2048_and_round_widths(preset: str) -> None:
+    """SparseGPT, Wanda and OWL calibrate on 128 x 2048 tokens; a real model's Hessians need that many."""
+    cfg = load_config(REPO / "configs" / preset)
+    assert cfg.calibration.samples == 128 and cfg.calibration.seq_len == 2048
+    assert cfg.prune.round_to in (64, 128)
+    assert load_config(REPO / "configs" / "demo.yaml").prune.round_to == 1  # the paper's counts

@@ -3,6 +3,8 @@
 A tiny demo base (3 layers, 64 wide; the middle layer pruned, so a structured base has per-layer
 widths) is published once per strategy through the pipeline's own steps, without Prefect, and
 pulled back from the bucket with `loram_core.bucket.pull` (verified), as a consumer gets it.
+`uniform` is `structured` with every layer pruned (`keep_first=0, keep_last=0`): one width
+throughout, so its 16-bit model is a plain family config that loads with no remote code.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "flows"))
 from test_provider_flow import TINY  # noqa: E402
 
-STRATEGIES = ("random", "structured", "semi")
+STRATEGIES = ("random", "structured", "semi", "uniform")
+SETTINGS = {"uniform": ["prune.strategy=structured", "prune.keep_first=0", "prune.keep_last=0"]}
+
+
+def _ships_code(strategy: str, variant: str) -> bool:
+    # uniform: only its NF4 variant ships code, for the CPU kernel (its k/v projections are 16 wide)
+    return strategy in ("random", "structured") or (strategy, variant) == ("uniform", "model-nf4")
+
+
 VARIANTS = ("model", "model-nf4")
 
 
@@ -39,8 +49,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
             f"workdir={root / 'work'}", f"base.cache_dir={root / 'cache'}", "device=cpu",
             f"publish.uri=file://{root / 'bucket'}", f"publish.version={strategy}",
-            f"prune.strategy={strategy}", "base.demo.pretrain_steps=30", "align.steps=4",
-        ])  # fmt: skip
+            "base.demo.pretrain_steps=30", "align.steps=4",
+        ] + SETTINGS.get(strategy, [f"prune.strategy={strategy}"]))  # fmt: skip
         base = steps.prepare_base(cfg)
         blocks = steps.prepare_corpus(cfg, base)
         pruned = steps.prune(cfg.prune, cfg.context, base, steps.prepare_calibration(cfg, base, blocks))
@@ -72,23 +82,25 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
 
     path = published[strategy] / variant
     structured = strategy != "semi"
-    # Structured bases ship their modeling code; sparse ones keep the stock architecture.
-    assert (path / MODELING_FILE).is_file() == structured
-    assert ("auto_map" in json.loads((path / "config.json").read_text())) == structured
-    stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=structured, dtype=torch.bfloat16)
-    if variant == "model-nf4" and not structured:
+    remote = _ships_code(strategy, variant)
+    # Bases of several widths ship their modeling code; sparse and uniform ones are stock architectures.
+    assert (path / MODELING_FILE).is_file() == remote
+    assert ("auto_map" in json.loads((path / "config.json").read_text())) == remote
+    stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote, dtype=torch.bfloat16)
+    if variant == "model-nf4" and not remote:
         from loram_core.card import CPU_NF4_RECIPE
 
         assert CPU_NF4_RECIPE in (published[strategy] / "README.md").read_text()
         _card_cpu_recipe(stock)  # what the card tells a stock load to do before it trains on a CPU
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=structured)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
     assert tokenizer("def f(x):").input_ids  # the variant is complete: its tokenizer ships with it
     ours = load_model(path, dtype=torch.bfloat16)
-    assert type(stock).__name__ == ("LoramLlamaForCausalLM" if structured else "LlamaForCausalLM")
+    assert type(stock).__name__ == ("LoramLlamaForCausalLM" if remote else "LlamaForCausalLM")
     assert _linear_shapes(stock) == _linear_shapes(ours)
-    if structured:  # the pruned layer really is narrower than its neighbours
+    if structured:  # the pruned layer really is narrower than the original's 128 channels
         assert _linear_shapes(stock)["model.layers.1.mlp.gate_proj"] == (64, 44)
-        assert _linear_shapes(stock)["model.layers.0.mlp.gate_proj"] == (64, 128)
+        dense = strategy != "uniform"  # layer 0 is kept dense unless every layer is pruned
+        assert _linear_shapes(stock)["model.layers.0.mlp.gate_proj"] == (64, 128 if dense else 44)
     if variant == "model-nf4":
         assert type(stock.model.layers[1].mlp.gate_proj).__name__ == "Linear4bit"
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -97,6 +109,10 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
         a, b = stock(ids).logits.float(), ours(ids).logits.float()
     # Same weights, same kernels: bf16 (and NF4 dequantized to bf16) rounding is the only slack.
     assert torch.allclose(a, b, atol=2e-2, rtol=2e-2), (a - b).abs().max()
+    if not remote and structured:  # a plain family config: the stock class computes exactly what ours does
+        stock32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert torch.equal(stock32(ids).logits, load_model(path)(ids).logits)
 
     lora = get_peft_model(stock, LoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip
@@ -285,3 +301,76 @@ def test_shipped_code_builds_each_family_with_per_layer_widths(tmp_path: Path, f
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, model(ids).logits)
+
+
+def test_plan_says_whether_a_setting_loads_stock_or_needs_the_shipped_code() -> None:
+    """`loram plan`'s loading line: every layer pruned (or a sparse base) loads stock; kept layers do not."""
+    from loram_core.config import parse_config
+    from loram_core.prune.plan import loading
+    from loram_provider.flows.cli import _loading_line
+    from tests.conftest import tiny_config
+
+    config = tiny_config(num_hidden_layers=8, intermediate_size=256, hidden_size=128)
+
+    def how(**prune) -> str:
+        return loading(config, parse_config({"prune": {"ratio": 0.5, **prune}}).prune)
+
+    assert how(strategy="structured", keep_first=0, keep_last=0) == "stock"
+    assert how(strategy="random", keep_first=1, keep_last=0) == "remote code"
+    assert how(strategy="structured") == "remote code"  # the defaults keep 4 first and 2 last layers dense
+    assert how(strategy="semi") == "stock" and how(strategy="unstructured") == "stock"
+    assert "trust_remote_code=True" in _loading_line("remote code", "structured")
+    assert "no remote code (uniform widths" in _loading_line("stock", "structured")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_uniform_widths_are_a_plain_family_config_in_each_family(tmp_path: Path, family: str) -> None:
+    """Every layer pruned: the published config is the family's own (no auto_map), stock-loaded with no
+    remote code, logits equal to the pruned model's; recovery's original shapes come from `loram.original`."""
+    from transformers import MistralConfig
+
+    from loram_core.config import parse_config
+    from loram_core.models import build_model, load_config
+    from loram_core.prune.plan import structured_config
+    from loram_core.recover.base import PrunedBase, original_config
+    from loram_core.stock import make_loadable
+    from tests.conftest import tiny_config
+
+    config = tiny_config("qwen2" if family == "qwen2" else "llama", num_hidden_layers=3)
+    if family == "mistral":
+        config = MistralConfig(
+            **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+        )
+    prune = parse_config(
+        {"prune": {"strategy": "random", "ratio": 0.5, "keep_first": 0, "keep_last": 0}}
+    ).prune
+    torch.manual_seed(0)
+    model = build_model(structured_config(config, prune)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # stock init zeroes biases; make Qwen2's matter
+    model.save_pretrained(tmp_path)
+    assert not make_loadable(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (
+        saved["model_type"] == family and "auto_map" not in saved and not (tmp_path / MODELING_FILE).exists()
+    )
+    assert (saved["intermediate_size"], saved["num_attention_heads"], saved["num_key_value_heads"], saved["head_dim"]) == (
+        64, 2, 1, 16)  # fmt: skip
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no trust_remote_code
+    assert type(stock).__module__.startswith("transformers.models.")
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=0, atol=0)
+    pruned = load_config(tmp_path)
+    original = original_config(PrunedBase(pruned, None, None, str(tmp_path)), None)
+    assert (original.intermediate_size, original.num_attention_heads, original.num_key_value_heads) == (
+        128,
+        4,
+        2,
+    )
+    assert (
+        not hasattr(original, "loram")
+        and build_model(original, "meta").model.layers[0].mlp.gate_proj.out_features == 128
+    )

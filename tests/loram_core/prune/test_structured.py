@@ -4,7 +4,8 @@ import torch
 from loram_core.config import PruneConfig
 from loram_core.models import load_model
 from loram_core.prune import load_masks, plan, prune_checkpoint, save_masks
-from loram_core.prune.structured import apply_structured, group_scores, kept_query_rows
+from loram_core.prune.structured import apply_structured, kept_query_rows
+from loram_core.prune.taylor import group_scores
 from tests.conftest import tiny_model
 
 
@@ -107,7 +108,7 @@ def test_random_selection_is_seeded(tiny_checkpoint, tmp_path) -> None:
 
 @pytest.mark.parametrize("estimator", ["param_first", "vector", "param_second", "param_mix"])
 def test_taylor_scores_are_the_same_with_gradient_checkpointing(estimator: str) -> None:
-    from loram_core.prune.structured import taylor_group_scores
+    from loram_core.prune.taylor import taylor_group_scores
 
     calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
     plain = taylor_group_scores(tiny_model(), range(0, 2), calib, estimator, batch_size=4)
@@ -135,7 +136,7 @@ def test_taylor_scores_are_the_same_with_gradient_checkpointing(estimator: str) 
 def test_streamed_taylor_scores_equal_the_whole_model_backward(
     tmp_path, family, estimator, overrides
 ) -> None:
-    from loram_core.prune.structured import taylor_group_scores, taylor_group_scores_streamed
+    from loram_core.prune.taylor import taylor_group_scores, taylor_group_scores_streamed
 
     model = tiny_model(family, num_hidden_layers=4, **overrides)
     model.save_pretrained(tmp_path / "base")
