@@ -1,15 +1,16 @@
-"""What `loram run` shows on the terminal around Prefect: a reachable API, one paragraph per handled error.
+"""What `loram` shows on the terminal: only its own lines; everything else goes to the run's log file.
 
-Prefect logs a failing task's exception with its traceback twice (the task run, then the flow
-run) before the CLI gets to print the error. For errors the code handles (`LoramError`, whose
-message names the bad value and the fix) those tracebacks only bury the message, so the console
-drops them and a log file keeps every record in full; `--debug` shows them on the console again.
-The Prefect server (UI) still receives every log line.
+The terminal gets what the CLI prints (progress bars, the steps' notes, the summary, one paragraph
+per error) and nothing else. Prefect's own log lines (its temporary server, each task's "Finished
+in state Completed()"), the tracebacks Prefect logs for errors the code handles (`LoramError`,
+whose message names the bad value and the fix), Python warnings and third-party libraries' log
+records go to `<workdir>/logs/run-<time>.log` (`route_console`); the Prefect server (UI) still
+receives every run's log lines. What still reaches the terminal: errors that are not handled (a
+bug's traceback) and warnings of our own loggers. `--debug` leaves every handler as it was.
 
 Libraries' notices about optional kernels they could not load (bitsandbytes on an AVX512-BF16 CPU
-without the `kernels` package) alarm users about packages they never asked for, and change nothing:
-the generic path computes the same results. They are held off the terminal and written to the run's
-log file (`hold_library_notices`); `--debug` shows them.
+without the `kernels` package) are emitted at import time, before a log file exists: they are held
+(`hold_library_notices`) and written to the log file once it is named.
 """
 
 from __future__ import annotations
@@ -116,15 +117,120 @@ def log_file_for(workdir: str | Path) -> Path:
     return Path(workdir).expanduser() / "logs" / f"run-{stamp}.log"
 
 
-def route_tracebacks(log_file: Path) -> None:
-    """Keep handled errors' tracebacks off the console and write every Prefect record to `log_file`."""
-    import prefect.main  # noqa: F401 - configures Prefect's logging (once): our handlers go on top
+class _RunName(logging.Filter):
+    """Give each record the task or flow run it belongs to (`run`), as Prefect's console shows it."""
 
-    console = [h for h in logging.getLogger().handlers if type(h).__name__ == "PrefectConsoleHandler"]
-    for handler in console:
-        handler.addFilter(_DropHandled())
+    def filter(self, record: logging.LogRecord) -> bool:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.run = f" | {run}" if run else ""
+        return True
+
+
+class _OursOnly(logging.Filter):
+    """What a terminal handler still prints: bugs (errors not handled) and our own loggers' warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _is_handled(record):
+            return False
+        if record.levelno >= logging.ERROR:
+            return True
+        return record.levelno >= logging.WARNING and "loram" in record.name
+
+
+def _terminal_handlers() -> list[logging.Handler]:
+    """Every handler of every logger that writes to the terminal (Prefect's console and debug ones)."""
+    import sys
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    found: list[logging.Handler] = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            terminal = stream in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+            if (terminal or type(handler).__name__ == "PrefectConsoleHandler") and handler not in found:
+                found.append(handler)
+    return found
+
+
+def route_console(log_file: Path, prefect: bool = True) -> Path:
+    """Send every log record and warning to `log_file`; leave on the terminal only `_OursOnly`.
+
+    Args:
+        log_file: the run's log file.
+        prefect: configure Prefect's logging first (its handlers exist then, and get the filter);
+            False for the consumer's commands, which run no flow.
+
+    transformers' own stderr handler is replaced by propagation to the root logger when
+    transformers is loaded.
+
+    Returns:
+        `log_file` (created when the first record arrives).
+    """
+    if prefect:
+        import prefect.main  # noqa: F401 - configures Prefect's logging (once): our handlers go on top
+
+    for handler in _terminal_handlers():
+        handler.addFilter(_OursOnly())
+    if not prefect:  # no Prefect console handler: Python's last resort would print warnings to stderr
+        logging.getLogger().addHandler(_terminal_fallback())
     log_file.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_file, delay=True)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
-    logging.getLogger("prefect").addHandler(file_handler)
+    file_handler.addFilter(_RunName())
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s%(run)s - %(message)s")
+    )
+    logging.getLogger().addHandler(file_handler)  # every logger propagates here (Prefect's included)
+    logging.captureWarnings(True)  # Python warnings become `py.warnings` records: the file, not the terminal
+    _quiet_transformers()
     _HELD.send_to(file_handler)  # the libraries' held notices belong to this run's log too
+    return log_file
+
+
+def _terminal_fallback() -> logging.Handler:
+    """A stderr handler that prints only `_OursOnly` records (where no Prefect handler does)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_OursOnly())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def route_tracebacks(log_file: Path) -> Path:
+    """The earlier name of `route_console`."""
+    return route_console(log_file)
+
+
+def quiet_progress_bars() -> None:
+    """Switch off the libraries' own progress bars (transformers, datasets, huggingface_hub): ours tell
+    the story. Loads transformers (call where a command computes)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # a consumer's install may lack datasets
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def _quiet_transformers() -> None:
+    """transformers logs through its own stderr handler; send its records to the root logger instead."""
+    import sys
+
+    if "transformers" not in sys.modules:
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()

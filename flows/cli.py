@@ -1,7 +1,10 @@
-"""The `loram` command line: `run` (the Prefect flow), `inspect` and `plan` (no Prefect needed).
+"""The `loram` command line: `run` (the Prefect flow) for publishers; `pull`, `recover`, `merge`,
+`original` and `inspect` for consumers; `plan`, `verify`, `deploy`.
 
-Only typer, rich and our own light modules load at start, so `--help` and a refused config answer
-at once; each command imports the heavy libraries (torch, transformers, prefect, peft) it needs.
+Only typer, rich and our own light modules load at start, so `--help`, `--version` and a refused
+config answer at once; each command imports the heavy libraries (torch, transformers, prefect,
+peft) it needs. The terminal gets only what these commands print: other libraries' warnings and
+progress bars go to a log file (`flows/_console.py`); `--debug` shows them.
 """
 
 from __future__ import annotations
@@ -12,26 +15,37 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from loram_core.errors import LoramError
-from loram_core.report import format_gib, recovery_sentence
+from loram_core.report import format_gib
+from loram_provider.flows import consumer_cli
+from loram_provider.flows._terminal import console
+from loram_provider.flows._terminal import fail as _fail
+from loram_provider.flows._terminal import step_bars as _step_bars
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="LoRAM provider: prune, align, quantize, publish."
 )
-console = Console()
-err_console = Console(stderr=True)
 
 
-_DTYPES = ("bfloat16", "float16", "float32")
+def _version(value: bool) -> None:
+    if value:
+        from loram_core.version import code_version
+
+        console.print(f"loram-provider {code_version()}", highlight=False)
+        raise typer.Exit()
 
 
-def _fail(err: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """LoRAM provider: prune, align, quantize, publish; pull, recover, merge."""
 
 
 @app.command()
@@ -51,7 +65,8 @@ def run(
         ),
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="show Prefect's tracebacks of handled errors")
+        bool,
+        typer.Option("--debug", help="show Prefect's log lines, tracebacks and libraries' warnings here too"),
     ] = False,
 ) -> None:
     """Run the provider flow on CONFIG and print what was published."""
@@ -66,7 +81,12 @@ def run(
         _fail(err)
     from loram_core import checks
     from loram_core.steps import pin_version
-    from loram_provider.flows._console import check_api_reachable, log_file_for, route_tracebacks
+    from loram_provider.flows._console import (
+        check_api_reachable,
+        log_file_for,
+        quiet_progress_bars,
+        route_console,
+    )
     from loram_provider.flows.credentials import block_credentials
 
     try:
@@ -76,35 +96,13 @@ def run(
             checks.preflight(cfg)
     except LoramError as err:
         _fail(err)
-    _quiet_libraries()
+    quiet_progress_bars()
     log_file = log_file_for(cfg.workdir)
     if not debug:
-        route_tracebacks(log_file)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+        route_console(log_file)
     from loram_provider.flows.provider import provider
-    from loram_provider.tasks import _progress
 
-    bars: dict[str, int] = {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-
-        def listen(name: str, done: int, total: int, event: dict) -> None:
-            if name not in bars:
-                bars[name] = bar.add_task(name, total=total, info="")
-            what = event.get("what", name)  # the phase within a step (e.g. taylor, then prune)
-            info = f"loss {event['loss']:.3f}" if "loss" in event else ("" if what == name else what)
-            if "tokens_per_s" in event:
-                info += f" {_progress.throughput(event)}"
-            bar.update(bars[name], completed=done, total=total, info=info)
-
-        _progress.LISTENERS.append(listen)
+    with _step_bars():
         try:
             with checks.checked(cfg):  # the flow's preflight task: already passed, in this process
                 result = provider(cfg)
@@ -116,9 +114,11 @@ def run(
             if "ephemeral Prefect API server" not in str(err):
                 raise
             _fail(_ephemeral_server_error(err))
-        finally:
-            _progress.LISTENERS.remove(listen)
-    _print_summary(result)
+    from loram_provider.flows._summary import print_run_summary
+
+    print_run_summary(console, result)
+    if not debug:
+        console.print(f"log: {log_file}", highlight=False, soft_wrap=True)
 
 
 def _ephemeral_server_error(err: RuntimeError) -> LoramError:
@@ -129,118 +129,32 @@ def _ephemeral_server_error(err: RuntimeError) -> LoramError:
     )
 
 
-def _quiet_libraries() -> None:
-    """Our progress bars and Prefect's log lines tell the story; silence the libraries' own bars."""
-    import logging
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # bitsandbytes 0.50 warns on every CPU import that an optional kernels package is missing;
-    # NF4 works without it (its generic path), so the warning only alarms users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 def _print_summary(result: dict) -> None:
-    from loram_core.card import consumer_uri
-    from loram_core.sizes import size_rows
+    """The run's result as `loram run` prints it (`flows/_summary.py`)."""
+    from loram_provider.flows._summary import print_run_summary
 
-    m, p = result["metrics"], result["params"]
-    status = result.get("publish", {}).get("status", "published")
-    table = Table(title=f"{status} {consumer_uri(result['uri'])}")  # absolute: usable from anywhere
-    table.add_column("model")
-    table.add_column("held-out perplexity", justify="right")
-    table.add_column("stored parameters", justify="right")
-    table.add_column("weights memory", justify="right")
-    stored = p.get("stored_params", p["pruned_params"])
-    sixteen = format_gib(p.get("hbm_gb", stored * 2 / 2**30))
-    table.add_row("original", f"{m['original_ppl']:.2f}", f"{p['original_params']:,}",
-                  format_gib(p["original_params"] * 2 / 2**30))  # fmt: skip
-    table.add_row("pruned", f"{m['pruned_ppl']:.2f}", f"{stored:,}", sixteen)
-    if "aligned_ppl" in m:
-        table.add_row("aligned", f"{m['aligned_ppl']:.2f}", f"{stored:,}", sixteen)
-    for key, label in (("aligned_nf4_ppl", "aligned, NF4"), ("pruned_nf4_ppl", "pruned, NF4")):
-        if key in m:
-            table.add_row(label, f"{m[key]:.2f}", f"{stored:,}", format_gib(p["hbm_gb_4bit_actual"]))
-    console.print(table)
-    compute = result.get("compute") or {}
-    if compute:
-        console.print(f"computed on {compute['device']} ({compute.get('name', '')})", highlight=False)
-    sizes = Table(title="size", show_header=False)
-    sizes.add_column("quantity")
-    sizes.add_column("value", justify="right")
-    for label, value in size_rows(p):
-        shown = (
-            f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else value
-        )
-        sizes.add_row(label, shown)
-    console.print(sizes)
-    if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
-        console.print(recovery_sentence(m), highlight=False)
-    if result.get("verification"):
-        _print_verification(result["verification"])
-
-
-def _print_verification(verification: dict) -> None:
-    """The LoRA ablation's table (`verify` section), as the card shows it."""
-    table = Table(title="LoRA trained small, inferred large (held-out task loss, lower is better)")
-    for col in ("setting", "LoRA trained on", "inference on", "task loss", "token accuracy"):
-        table.add_column(col, justify="right" if col in ("task loss", "token accuracy") else "left")
-    for r in verification["rows"]:
-        table.add_row(
-            r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
-        )
-    console.print(table)
+    print_run_summary(console, result)
 
 
 @app.command()
-def inspect(uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<version>]"))]) -> None:
-    """Verify a published version against its manifest and print the manifest."""
+def inspect(
+    uri: Annotated[str, typer.Argument(help=escape("<bucket>/<name>[/<version>]"))],
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest (JSON) instead")] = False,
+) -> None:
+    """Verify a published version against its manifest and say what it holds (`--json`: the manifest)."""
     from loram_core.bucket import verify_version
 
     try:
         manifest = verify_version(uri)
     except LoramError as err:
         _fail(err)
-    console.print_json(manifest.model_dump_json())
-    err_console.print(f"[green]verified[/] {len(manifest.files)} files of {manifest.name}/{manifest.version}")
+    if as_json:
+        sys.stdout.write(manifest.model_dump_json(indent=2) + "\n")
+        return
+    from loram_core.bucket import resolve_version
+    from loram_provider.flows._summary import print_version
 
-
-@app.command()
-def pull(
-    uri: Annotated[
-        str, typer.Argument(help="BUCKET/NAME (its LATEST) or BUCKET/NAME/VERSION, file:// or s3://")
-    ],
-    dest: Annotated[Path, typer.Argument(help="folder to create (an earlier pull there is replaced)")],
-    only: Annotated[
-        Optional[list[str]],  # noqa: UP045
-        typer.Option(help="model | model-nf4 | masks; repeat for several (default: all)"),
-    ] = None,
-    cache: Annotated[bool, typer.Option(help="reuse and fill the local content-addressed cache")] = True,
-) -> None:
-    """Download a published version into DEST, every file checked against its manifest's sha256."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    from loram_core.bucket import pull as run_pull
-
-    with Progress(TextColumn("pull"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TextColumn("{task.fields[what]}"), console=err_console, transient=True) as bar:  # fmt: skip
-        task = bar.add_task("pull", total=None, what="")
-
-        def show(event: dict) -> None:
-            bar.update(task, completed=event["step"] << 20, total=event["total"] << 20, what=event["what"])
-
-        try:
-            manifest = run_pull(uri, dest, only, cache=cache, progress=show)
-        except LoramError as err:
-            bar.stop()
-            _fail(err)
-    err_console.print(
-        f"[green]verified[/] {len(manifest.files)} files of {manifest.name}/{manifest.version} -> {dest}",
-        highlight=False,
-    )
+    print_version(console, manifest, resolve_version(uri)[0])
 
 
 @app.command()
@@ -333,71 +247,12 @@ def _plan_notes(p, cfg) -> list[str]:
 
 
 @app.command()
-def recover(
-    base: Annotated[
-        str,
-        typer.Option(help="published version (dir or file://, s3:// URI) or pruned checkpoint with masks/"),
-    ],
-    adapter: Annotated[Path, typer.Option(help="peft LoRA adapter trained on the base")],
-    out: Annotated[
-        Path, typer.Option(help="directory to write the recovered adapter (or merged model) into")
-    ],
-    mode: Annotated[
-        str, typer.Option(help="auto | zeroA | normA (structured) | dense | mask | complement (sparse)")
-    ] = "auto",
-    original: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            help="original checkpoint dir (or hub id): named in the adapter, used for shapes; mask/complement merge into it"
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="seed of normA's draws")] = 0,
-    dtype: Annotated[str, typer.Option(help="merged checkpoint dtype (mask, complement)")] = "bfloat16",
-) -> None:
-    """Recover a LoRA adapter trained on a pruned base for the original model."""
-    modes = ("auto", "zeroA", "normA", "dense", "mask", "complement")
-    if mode not in modes:
-        _fail(LoramError(f"--mode {mode!r} is not one of {', '.join(modes)}."))
-    if dtype not in _DTYPES:
-        _fail(LoramError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}."))
-    from loram_core.recover import recover as run_recover
-
-    try:
-        result = run_recover(base, adapter, out, mode=mode, original=original, seed=seed, dtype=dtype)  # type: ignore[arg-type]
-    except LoramError as err:
-        _fail(err)
-    what = "merged model" if result.merged else "peft adapter"
-    console.print(
-        f"[green]recovered[/] ({result.mode}) {len(result.grown)} pruned and {len(result.unchanged)} unchanged "
-        f"modules -> {what} at {result.out_dir} for {result.base_model}"
-    )
-
-
-@app.command()
-def merge(
-    original: Annotated[Path, typer.Option(help="original checkpoint dir (16/32-bit or bitsandbytes NF4)")],
-    adapter: Annotated[
-        Path, typer.Option(help="peft LoRA adapter for the original (e.g. from `loram recover`)")
-    ],
-    out: Annotated[Path, typer.Option(help="directory to write the merged checkpoint into")],
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
-) -> None:
-    """Merge a LoRA adapter into the original model's weights (an NF4 model is dequantized first)."""
-    if dtype not in _DTYPES:
-        _fail(LoramError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPES)}."))
-    from loram_core.recover import merge as run_merge
-
-    try:
-        merged = run_merge(original, adapter, out, dtype=dtype)
-    except LoramError as err:
-        _fail(err)
-    console.print(f"[green]merged[/] {len(merged)} modules into {out} ({dtype})")
-
-
-@app.command()
 def verify(
     config: Annotated[Path, typer.Argument(help="YAML preset, e.g. configs/demo.yaml")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides: verify.rank=4")] = None,  # noqa: UP045
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show Prefect's log lines and libraries' warnings here too")
+    ] = False,
 ) -> None:
     """Run CONFIG's pipeline (finished steps are reused) with the LoRA ablation, and publish it in the model card."""
     from loram_core.config import load_config
@@ -416,11 +271,15 @@ def verify(
             checks.preflight(cfg)
     except LoramError as err:
         _fail(err)
-    _quiet_libraries()
+    from loram_provider.flows._console import log_file_for, quiet_progress_bars, route_console
+
+    quiet_progress_bars()
+    if not debug:
+        route_console(log_file_for(cfg.workdir))
     from loram_provider.flows.verify import verify as verify_flow
 
     try:
-        with checks.checked(cfg):
+        with checks.checked(cfg), _step_bars():
             result = verify_flow(cfg.model_dump(mode="json"))
     except LoramError as err:
         _fail(err)
@@ -456,6 +315,10 @@ def deploy(
         highlight=False,
     )
     console.print(f"start a worker on the GPU host: prefect worker start --pool {done.pool}", highlight=False)
+
+
+for _command in (consumer_cli.pull, consumer_cli.recover, consumer_cli.merge, consumer_cli.original):
+    app.command()(_command)
 
 
 def main() -> None:

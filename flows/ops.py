@@ -21,6 +21,7 @@ from loram_core import launch
 from loram_core.config import PipelineConfig, parse_config
 from loram_core.errors import ConfigError
 from loram_core.prune.plan import Plan
+from loram_core.report import format_gib
 
 log = get_logger("loram.ops")
 
@@ -35,14 +36,41 @@ def model_label(cfg: PipelineConfig) -> str:
     return "demo" if cfg.base.source == "demo" else Path(cfg.base.source.rstrip("/")).name
 
 
+def describe_run(cfg: PipelineConfig) -> str:
+    """What a run makes, in one line that tells runs apart: model, strategy and ratio, alignment
+    steps and tokens (or none), NF4, and the version it publishes.
+
+    `demo random r=0.65, align 200 steps (410k tokens), NF4 -> demo-llama/20261124-011102`
+    """
+    ratio = "{}:{}".format(*cfg.prune.n_m) if cfg.prune.strategy == "semi" else f"r={cfg.prune.ratio:g}"
+    if cfg.runs("align"):
+        a = cfg.align
+        tokens = a.steps * a.batch_size * a.grad_accum * cfg.corpus.seq_len * a.nproc_per_node
+        made = f"align {a.steps} steps ({_count(tokens)} tokens)"
+    else:
+        made = "prune only" if cfg.until == "prune" else "no alignment"
+    if cfg.runs("quantize"):
+        made += ", NF4"
+    version = cfg.publish.version or "<new version>"
+    where = "" if cfg.publish.enabled else " (local)"
+    return f"{model_label(cfg)} {cfg.prune.strategy} {ratio}, {made} -> {cfg.publish.name}/{version}{where}"
+
+
+def _count(n: int) -> str:
+    """`410k`, `1.2M`, `3.4B` (tokens)."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("k", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def run_name() -> str:
-    """The flow run's name: model, strategy and ratio, and what it publishes (`demo random r=0.65 -> demo-llama`)."""
+    """The flow run's name (`describe_run`); renamed with its version once the run pins it (`tag_run`)."""
     try:
         cfg = _config(current_run.parameters)
     except ConfigError:  # the preflight reports it; the run still needs a name
         return "loram-provider (invalid config)"
-    ratio = "{}:{}".format(*cfg.prune.n_m) if cfg.prune.strategy == "semi" else f"r={cfg.prune.ratio:g}"
-    return f"{model_label(cfg)} {cfg.prune.strategy} {ratio} -> {cfg.publish.name}"
+    return describe_run(cfg)
 
 
 def run_tags(cfg: PipelineConfig) -> list[str]:
@@ -52,13 +80,16 @@ def run_tags(cfg: PipelineConfig) -> list[str]:
 
 
 def tag_run(cfg: PipelineConfig) -> None:
-    """Add `run_tags` to the current flow run (a deployment's own tags stay)."""
+    """Add `run_tags` to the current flow run (a deployment's own tags stay) and name it after what it
+    makes, its version pinned now (`describe_run`)."""
     run_id = current_run.id
     if run_id is None:
         return
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(run_id)
-        client.update_flow_run(run_id, tags=sorted(set(run.tags) | set(run_tags(cfg))))
+        client.update_flow_run(
+            run_id, name=describe_run(cfg), tags=sorted(set(run.tags) | set(run_tags(cfg)))
+        )
 
 
 def children_registry(workdir: str, run_id: str) -> Path:
@@ -131,9 +162,9 @@ def plan_artifact(plan: Plan, model: str) -> None:
             {"quantity": "original parameters", "value": f"{plan.original_params:,}"},
             {"quantity": "pruned parameters", "value": f"{plan.pruned_params:,}"},
             {"quantity": "reduction", "value": f"{plan.reduction:.2f}x"},
-            {"quantity": "HBM GiB (16-bit)", "value": f"{plan.hbm_gb:.4f}"},
-            {"quantity": "HBM GiB (4-bit, QLoRAM accounting)", "value": f"{plan.hbm_gb_4bit:.4f}"},
-            {"quantity": "HBM GiB (4-bit, as NF4 stores it)", "value": f"{plan.hbm_gb_4bit_actual:.4f}"},
+            {"quantity": "HBM, 16-bit", "value": format_gib(plan.hbm_gb)},
+            {"quantity": "HBM, 4-bit (QLoRAM accounting)", "value": format_gib(plan.hbm_gb_4bit)},
+            {"quantity": "HBM, 4-bit as NF4 stores it", "value": format_gib(plan.hbm_gb_4bit_actual)},
             {"quantity": "pruned layers", "value": ", ".join(map(str, plan.pruned_layers))},
         ],
         description=f"Parameters and HBM of {model}, {plan.strategy} at {plan.ratio:g} (as the LoRAM paper's Tables 4-6)",
@@ -152,8 +183,15 @@ def evaluation_artifact(evaluation: dict) -> None:
     )
 
 
-def published_artifact(uri: str) -> None:
-    """A link artifact to the published version."""
+def published_artifact(uri: str, status: str = "published") -> None:
+    """A link artifact to the published version, by its absolute URI (a relative `file://./bucket`
+    leads nowhere from the UI)."""
+    from loram_core.card import consumer_uri
+
+    absolute = consumer_uri(uri)
     create_link_artifact(
-        key="published-version", link=uri, link_text=uri, description="The published version"
+        key="published-version",
+        link=absolute,
+        link_text=absolute,
+        description=f"The version this run {'found unchanged' if status == 'unchanged' else 'published'}",
     )

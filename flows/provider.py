@@ -52,20 +52,30 @@ def _pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     # Each model step gets its own section and the run's context (work dir, device), nothing else.
     pruned = t.prune(cfg.prune, cfg.context, base, calibration)
     # `until` and each section's `enabled` choose the model steps; evaluate and publish always run.
-    aligned = t.align(cfg.align, cfg.context, pruned, corpus, base) if cfg.runs("align") else pruned
+    aligned = _align(cfg, base, pruned, corpus) if cfg.runs("align") else pruned
     nf4 = t.quantize(cfg.quantize, cfg.context, aligned) if cfg.runs("quantize") else None
     evaluation = t.evaluate(cfg, base, pruned, aligned, nf4, corpus)
     verification = verify_task(cfg, base, pruned, aligned, corpus) if cfg.runs("verify") else None
     ops.evaluation_artifact(evaluation)
     published = t.publish(cfg, base, corpus, aligned, nf4, evaluation, verification)
     uri = published["uri"]
-    ops.published_artifact(uri)
+    ops.published_artifact(uri, published["status"])
     create_markdown_artifact(
         key="provider-summary",
-        markdown=summary_markdown(uri, evaluation, published["status"]),
+        markdown=summary_markdown(uri, evaluation, published["status"], published.get("latest")),
         description="What this run published",
     )
     return {"uri": uri, "publish": published, **evaluation, "verification": verification}
+
+
+def _align(cfg: PipelineConfig, base: str, pruned: str, corpus: str | None) -> str:
+    """The align step (the base is the teacher of `kd` objectives), with held-out points on the eval
+    blocks and the original's loss as their reference (in-process alignment with `align.eval_every`)."""
+    if cfg.align.eval_every is None or cfg.align.nproc_per_node > 1:
+        return t.align(cfg.align, cfg.context, pruned, corpus, base_dir=base)
+    eval_file = t.prepare_eval(cfg, base, corpus)
+    reference = t.reference_loss(cfg.context, base, eval_file)
+    return t.align(cfg.align, cfg.context, pruned, corpus, eval_file, reference, base_dir=base)
 
 
 PPL_ROWS = {
@@ -77,15 +87,17 @@ PPL_ROWS = {
 }
 
 
-def summary_markdown(uri: str, evaluation: dict, status: str = "published") -> str:
-    """The run's summary artifact: the perplexities of the models made, sizes, and where it computed."""
-    from loram_core.sizes import size_rows
+def summary_markdown(
+    uri: str, evaluation: dict, status: str = "published", latest: dict | None = None
+) -> str:
+    """The run's summary artifact: where the version is, the perplexities of the models made, sizes,
+    and where it computed; sentences below the table (a table cell would clip them)."""
+    from loram_core.card import consumer_uri, version_size_rows
 
     m, p = evaluation["metrics"], evaluation["params"]
     rows = [(label, m[key]) for key, label in PPL_ROWS.items() if key in m]
-    if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
-        rows.append(("alignment", recovery_sentence(m)))
-    rows += size_rows(p)
+    nf4 = any(k in m for k in ("aligned_nf4_ppl", "pruned_nf4_ppl"))
+    rows += version_size_rows(p, nf4)
     compute = evaluation.get("compute", {})
     if compute:
         rows.append(("computed on", f"{compute['device']} ({compute.get('name', '')})"))
@@ -97,4 +109,12 @@ def summary_markdown(uri: str, evaluation: dict, status: str = "published") -> s
         else f"| {k} | {v} |"
         for k, v in rows
     )
-    return f"## {status.capitalize()} `{uri}`\n\n| quantity | value |\n|---|---|\n{body}\n"
+    notes = []
+    if "aligned_ppl" in m:  # only a run that aligned has anything to say about recovery
+        sentence = recovery_sentence(m)
+        notes.append(sentence[:1].upper() + sentence[1:] + ".")
+    if latest:
+        where = "now names this version" if latest["moved"] else "was left where it was"
+        notes.append(f"`LATEST` {where} ({latest['reason']}).")
+    text = "\n\n".join(notes)
+    return f"## {status.capitalize()} `{consumer_uri(uri)}`\n\n| quantity | value |\n|---|---:|\n{body}\n\n{text}\n"

@@ -118,14 +118,21 @@ model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag("model")}, dtyp
 
 {" and ".join(shipping)} {"ships" if len(shipping) == 1 else "ship"} `modeling_loram.py`: the family's stock `*ForCausalLM`, whose layers take
 the widths in `config.json`'s `loram` section (it imports only torch and transformers; read it before
-you trust it). Pruned layers narrower than the others are something no stock architecture expresses;
-an NF4 variant also ships it when its widths are ones bitsandbytes' AVX512-BF16 CPU kernel cannot
-repack. Without `trust_remote_code=True` transformers stops with "... contains custom code which
-must be executed to correctly load the model ... Please pass the argument `trust_remote_code=True`"
-(in an interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the
-family class itself (e.g. `LlamaForCausalLM`) would build the original's widths. On CPUs with
-AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack (output not a
-multiple of 32, or input not a multiple of 64) run its generic path: same result, slower.{cpu_note}"""
+you trust it). Pruned layers narrower than the others are something no stock architecture expresses.
+Without `trust_remote_code=True` transformers stops with "... contains custom code which must be
+executed to correctly load the model ... Please pass the argument `trust_remote_code=True`" (in an
+interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the family
+class itself (e.g. `LlamaForCausalLM`) would build the original's widths.{_nf4_paths() if nf4 else ""}{cpu_note}"""
+
+
+def _nf4_paths() -> str:
+    """Of `model-nf4/` only: a version without it says nothing of it (issue 23)."""
+    return (
+        " An NF4 variant also ships the code when its widths are ones bitsandbytes' AVX512-BF16 CPU kernel "
+        "cannot repack. On CPUs with AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot "
+        "repack (output not a multiple of 32, or input not a multiple of 64) run its generic path: same result, "
+        "slower."
+    )
 
 
 def _stock_note(remote_code: dict[str, bool]) -> str:
@@ -158,23 +165,14 @@ def model_card(m: Manifest, bucket_uri: str, remote_code: bool | dict[str, bool]
     uri = f"{consumer_uri(bucket_uri)}/{m.name}/{m.version}"
     dest = f"./{m.name}-{m.version}"
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items())
-    prows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in size_rows(p))
-    if prune["strategy"] in SPARSE:
-        recover_note = (
-            "`--mode dense` (default) writes the adapter unchanged; `mask` and `complement` write a merged "
-            "original model with the LoRA delta multiplied by the keep-mask (or its complement)."
-        )
-    else:
-        recover_note = (
-            "The result is a standard peft adapter for the original: "
-            '`PeftModel.from_pretrained(original, "my-lora-full")`.'
-        )
+    prows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in version_size_rows(p, nf4))
     aligned = "aligned_ppl" in metrics
     aligned_note = (
         f", then aligned to the original by {_ALIGNED_BY.get(m.align.get('objective', 'cpt'), 'continual pre-training')}"
         if aligned
         else " (not aligned: this run stopped after pruning)"
     )
+    what = "the aligned pruned model" if aligned else "the pruned model (not aligned)"
     recovery = recovery_sentence(metrics) if aligned else ""
     recovery = recovery[:1].upper() + recovery[1:] + ("." if recovery else "")
     return (
@@ -189,34 +187,42 @@ masks in `masks/masks.safetensors`, and use it on the original model.
 ## Get it
 
 ```bash
+# the loram command: pip install . in a checkout of loram-provider (its README: Installing)
 loram pull {uri} {dest}      # downloads, checks every sha256 against manifest.json
 loram inspect {uri}          # or verify it in place
 ```
 
 ## Load it
 
-`model/` is the aligned pruned model in 16 bits{"; `model-nf4/` is its 4-bit NF4 variant (bitsandbytes, double quant) for QLoRAM" if nf4 else ""}:
+`model/` is {what} in 16 bits{"; `model-nf4/` is its 4-bit NF4 variant (bitsandbytes, double quant) for QLoRAM" if nf4 else ""}:
 
 {_load_section(remote_code, nf4, dest)}
 
 ## Train a LoRA on it
 
-```python
-from peft import LoraConfig, get_peft_model
-
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-# ... train as usual (transformers Trainer, or your own loop), then:
-lora.save_pretrained("my-lora")
-```
+{train_snippet(dest, bool(remote_code.get("model")))}
 
 ## Recover it for the original model
 
 ```bash
-loram recover --base {uri} --adapter my-lora --out my-lora-full --original ORIGINAL_DIR
+loram recover --base {uri} --adapter my-lora --out my-lora-full
 ```
 
-{recover_note} `ORIGINAL_DIR` is the checkpoint this version was pruned from (`{m.base["source"]}`).
+{original_paragraph(m, uri)} {_recover_note(prune["strategy"])}
+
+## Use it on the original model
+
+```python
+from peft import AutoPeftModelForCausalLM
+
+model = AutoPeftModelForCausalLM.from_pretrained("my-lora-full")  # loads the original, adds the LoRA
+```
+
+or merge it into the original's weights (one 16-bit checkpoint, no peft needed to run it):
+
+```bash
+loram merge --adapter my-lora-full --out my-model   # the original the adapter names; --original overrides
+```
 
 ## Held-out perplexity
 
@@ -237,3 +243,82 @@ fingerprint `{m.corpus.get("fingerprint", "n/a")}`; code `{m.code_version}`.
 """
         + verification_markdown(m.verification)
     )
+
+
+def version_size_rows(params: dict, nf4: bool) -> list[tuple[str, int | float | str]]:
+    """`size_rows` of what the version holds: no NF4 footprint for a version without `model-nf4/`."""
+    return [row for row in size_rows(params) if nf4 or not row[0].startswith("memory, 4-bit as NF4")]
+
+
+def train_snippet(dest: str, remote_code: bool) -> str:
+    """A complete LoRA training script on the pulled `model/` (peft, a few steps on your texts)."""
+    flag = ", trust_remote_code=True" if remote_code else ""
+    return f"""```python
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{dest}/model")
+tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag})
+targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+texts = ["Replace these lines with your own training texts.", "Each one is a sequence to learn."]
+batch = tokenizer(texts, return_tensors="pt", padding=True)
+labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # no loss on padding
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+model.train()
+for step in range(10):
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    print(f"step {{step}}: loss {{loss.item():.3f}}")
+model.save_pretrained("my-lora")
+```
+
+Any peft LoRA works the same (the transformers `Trainer`, TRL, your own loop): `recover` needs only the
+saved adapter folder."""
+
+
+def _recover_note(strategy: str) -> str:
+    if strategy in SPARSE:
+        return (
+            "`--mode dense` (default) writes the adapter unchanged; `mask` and `complement` write a merged "
+            "original model with the LoRA delta multiplied by the keep-mask (or its complement)."
+        )
+    return "The result is a standard peft adapter for the original, naming it and its stock class."
+
+
+def original_paragraph(m: Manifest, uri: str) -> str:
+    """Which original this version was pruned from, and how `recover` finds it (no `--original` needed)."""
+    from loram_core.original import original_of
+
+    record = original_of(m.base)
+    kind, fp = record.get("kind"), m.base.get("fingerprint", "n/a")
+    check = f"fingerprint `{fp}` (sha256 over its config and weight files), which `recover` checks"
+    if kind == "hub":
+        at = record.get("commit") or record.get("revision")
+        return (
+            f"The original is the hub model `{record['repo_id']}`{f' at commit `{at}`' if at else ''}; the "
+            "recovered adapter names it, and peft downloads it when loading."
+        )
+    if kind == "demo":
+        return (
+            f"The original is this project's demo base, at `{record.get('path')}` on the machine that published "
+            f"the version; `recover` finds it there (or under `~/.cache/loram-provider/`) by itself, {check}. "
+            f"Not on your machine? `loram original --build {uri}` pretrains it again from the settings in "
+            "the manifest (minutes on a CPU; another CPU may pretrain a slightly different model, which the "
+            "fingerprint check then refuses). `--original DIR` names another copy."
+        )
+    if kind == "path":
+        return (
+            f"The original is `{record['path']}` on the machine that published the version; `recover` reads it "
+            f"there by itself, {check}. Elsewhere, pass `--original` your copy of it."
+        )
+    if kind == "uri":
+        return (
+            f"The original is `{record['uri']}`; `recover` fetches it once into `~/.cache/loram-provider/originals` "
+            f"and checks it, {check}."
+        )
+    return "Pass `--original` the checkpoint this version was pruned from (its manifest does not say where it is)."

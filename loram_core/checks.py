@@ -387,8 +387,10 @@ def check_publish_target(cfg: PipelineConfig) -> None:
     if data is None or p.version is None:
         return
     existing = Manifest.model_validate_json(data)
+    # align.eval_every only draws held-out points on the UI's curve: it does not make another model.
     ours = {"base.source": cfg.base.source, "prune": cfg.prune.model_dump(mode="json"),
-            "quantize": cfg.quantize.model_dump(mode="json"), "align": cfg.align.model_dump(mode="json")}  # fmt: skip
+            "quantize": cfg.quantize.model_dump(mode="json"),
+            "align": cfg.align.model_dump(mode="json", exclude={"eval_every"})}  # fmt: skip
     theirs = {"base.source": existing.base.get("source"), "prune": existing.prune,
               "quantize": {k: existing.quantize.get(k) for k in ours["quantize"]},
               "align": {k: existing.align.get(k) for k in ours["align"]}}  # fmt: skip

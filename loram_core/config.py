@@ -456,6 +456,13 @@ class AlignConfig(_Section):
         "line) after this many minutes with a clear error; the checkpoint is kept, so a re-run resumes. "
         "Prefect's timeout_seconds cannot interrupt blocking GPU code; this can.",
     )
+    eval_every: int | None = Field(
+        50,
+        ge=1,
+        description="Held-out loss of the model being aligned every this many steps (at the first log line at "
+        "or after it, and at the end), on 8 of the eval blocks, drawn on the UI's loss curve beside the "
+        "original's; a forward pass of 8 blocks each (in-process alignment only); null: none.",
+    )
     seed: int = 0
 
 
@@ -494,6 +501,11 @@ class PublishConfig(_Section):
         True,
         description="false: the version (same layout, manifest included) is written under "
         "`<workdir>/local-bucket` instead of `uri`.",
+    )
+    latest: Literal["auto", True, False] = Field(
+        "auto",
+        description="Whether `<name>/LATEST` moves to this version: `auto` only when the run made what the name "
+        "promises (aligned, and quantized unless `quantize.enabled` is false); true always; false never.",
     )
     max_shard_size: int | str = Field(
         "5GB",
@@ -701,25 +713,69 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def _section_fields(loc: tuple) -> list[str]:
+    """The keys allowed beside the unknown key at `loc` (the fields of the section it sits in)."""
+    model: Any = PipelineConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`; did you mean `prune.ratio`?` for a misspelt key (difflib over its section's keys), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), _section_fields(loc), n=1, cutoff=0.6)
+    prefix = "".join(f"{p}." for p in loc[:-1])
+    return f"; did you mean `{prefix}{close[0]}`?" if close else ""
+
+
+def _where(key: str, source: str, overridden: dict[str, str]) -> str:
+    """Where a bad key came from: the command line (quoting the override) or the file `source`."""
+    for override_key, item in overridden.items():
+        if key == override_key or key.startswith(override_key + ".") or override_key.startswith(key + "."):
+            return f"set on the command line: {item}"
+    return f"in {source}"
+
+
+def _format_validation_error(
+    err: ValidationError, source: str, overridden: dict[str, str] | None = None
+) -> str:
+    overridden = overridden or {}
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = _where(key, source, overridden) if overridden else f"in {source}"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key `{key}` (check its spelling; see configs/demo.yaml for every key)")
+            lines.append(
+                f"unknown key `{key}` ({where}){_did_you_mean(e['loc'])} (configs/demo.yaml lists every key)"
+            )
         else:
             value = e.get("input")
             shown = "" if isinstance(value, dict) else f" = {value!r}"
-            lines.append(f"`{key}`{shown}: {e['msg']}")
-    return f"invalid configuration in {source}: " + "; ".join(lines) + "."
+            lines.append(f"`{key}`{shown}: {e['msg']} ({where})")
+    return "invalid configuration: " + "; ".join(lines) + "."
 
 
-def parse_config(data: dict[str, Any], source: str = "config") -> PipelineConfig:
-    """Validate a nested dict into a `PipelineConfig`, raising `ConfigError` on any problem."""
+def parse_config(
+    data: dict[str, Any], source: str = "config", overridden: dict[str, str] | None = None
+) -> PipelineConfig:
+    """Validate a nested dict into a `PipelineConfig`, raising `ConfigError` on any problem.
+
+    Args:
+        data: the config as nested sections.
+        source: where `data` came from, for messages (a file name, "flow parameters").
+        overridden: dotted keys set on the command line -> the override as typed, so that a bad
+            one is blamed on the command line rather than on `source`.
+    """
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, overridden)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -740,4 +796,5 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (base, prune, ...).")
     apply_overrides(data, overrides or [])
-    return parse_config(data, source=str(path))
+    overridden = {item.partition("=")[0]: item for item in overrides or []}
+    return parse_config(data, source=str(path), overridden=overridden)

@@ -29,6 +29,10 @@ def verify(cfg: PipelineConfig, base_dir: str, pruned_dir: str, aligned_dir: str
 
 
 def ablation_table(result: dict) -> list[dict]:
-    """The artifact's rows: one per ablation setting, with its loss and token accuracy."""
-    return [{"setting": r["setting"], "LoRA trained on": r["trained_on"], "inference on": r["inferred_on"],
-             "task loss": r["loss"], "token accuracy": r["accuracy"]} for r in result["rows"]]  # fmt: skip
+    """The artifact's rows: one per ablation setting, with its loss and token accuracy.
+
+    The UI renders each cell as markdown, where a lone "-" is a bullet: the row without a LoRA says so.
+    """
+    return [{"setting": r["setting"], "LoRA trained on": "no LoRA" if r["trained_on"] == "-" else r["trained_on"],
+             "inference on": r["inferred_on"], "task loss": r["loss"], "token accuracy": r["accuracy"]}
+            for r in result["rows"]]  # fmt: skip

@@ -70,6 +70,7 @@ class Publication:
     uploaded_files: int
     uploaded_bytes: int
     skipped_files: int
+    latest_moved: bool = False  # LATEST names this version now (`latest` asked, and it is the newest)
 
 
 def publish(
@@ -79,6 +80,7 @@ def publish(
     *,
     check_create_only: bool = True,
     progress: Progress | None = None,
+    latest: bool = True,
 ) -> Publication:
     """Upload `staging` (the version's files, manifest excluded), then its manifest, then move `LATEST`.
 
@@ -88,6 +90,7 @@ def publish(
         uri: the bucket root (`file://...`, `s3://bucket/prefix`).
         check_create_only: first check that the store refuses a second create-only write.
         progress: called with `{"step": MiB sent, "total": MiB, "what": file}` while uploading.
+        latest: move `LATEST` to this version (if newer); False publishes without moving it.
 
     Returns:
         The `Publication`; its `status` is "unchanged" when the version already held this content.
@@ -110,8 +113,8 @@ def publish(
     version_uri = join(uri, version_key)
     if existing := _same_as_published(store, manifest, version_uri):
         _sweep_uploads(store, manifest)
-        move_latest(store, existing)  # by the existing version's publication time, not this run's
-        return Publication(version_uri, "unchanged", 0, 0, len(manifest.files))
+        moved = latest and move_latest(store, existing)  # by the existing version's time, not this run's
+        return Publication(version_uri, "unchanged", 0, 0, len(manifest.files), moved)
     if check_create_only:
         probe_create_only(store)
     _claim(store, manifest, version_key, version_uri)
@@ -123,11 +126,11 @@ def publish(
         )
     except Exists:
         if existing := _same_as_published(store, manifest, version_uri):  # a racer of the same content won
-            move_latest(store, existing)
-            return Publication(version_uri, "unchanged", *sent, skipped)
+            moved = latest and move_latest(store, existing)
+            return Publication(version_uri, "unchanged", *sent, skipped, moved)
         raise _clash(version_uri) from None
-    move_latest(store, manifest)
-    return Publication(version_uri, "published", *sent, skipped)
+    moved = latest and move_latest(store, manifest)
+    return Publication(version_uri, "published", *sent, skipped, moved)
 
 
 def publish_version(staging: Path, manifest: Manifest, uri: str, **kwargs) -> str:
@@ -344,12 +347,15 @@ def _newer(a: str, b: str) -> bool:
     return datetime.fromisoformat(a) > datetime.fromisoformat(b)
 
 
-def move_latest(store: Store, manifest: Manifest) -> None:
+def move_latest(store: Store, manifest: Manifest) -> bool:
     """Point `<name>/LATEST` at this version if it is newer (by `created_at`) than the one it names.
 
     Ordered by publication time, not by the version ids' spelling (so v10 follows v9); never moved
     back. The write is a compare-and-swap on LATEST's ETag (create-only when there is none), retried
     when another publisher moved it in between.
+
+    Returns:
+        Whether LATEST names this version now (False: a newer version holds it).
     """
     key = join(manifest.name, "LATEST")
     for _ in range(20):
@@ -365,13 +371,13 @@ def move_latest(store: Store, manifest: Manifest) -> None:
             except LoramError:
                 current = None  # names no version: any version is newer
             if current == manifest.version:
-                return
+                return True
             current_at = _published_at(store, manifest.name, current) if current else None
             if current_at is not None and not _newer(manifest.created_at, current_at):
-                return
+                return False
         try:
             store.put_bytes(key, (manifest.version + "\n").encode(), create=etag is None, if_match=etag)
-            return
+            return True
         except (Exists, Changed):
             continue  # another publisher moved it: look again
     raise LoramError(f"could not move {store.uri}/{key}: it kept changing under 20 attempts.")

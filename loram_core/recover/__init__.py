@@ -3,7 +3,8 @@
 `recover` reads the base's config and masks (never its weights) and the adapter, and writes a
 standard peft adapter for the original (structured bases; sparse `dense`) or the original model
 with the masked delta merged in (sparse `mask` / `complement`). `merge` adds an adapter to the
-original's weights (a 4-bit original is dequantized first) and saves a 16-bit checkpoint.
+original's weights (a 4-bit original is dequantized first) and saves a 16-bit checkpoint. Where
+the original is comes from the version's manifest (`loram_core.original`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class PrunedBase:
     masks: Masks
     source: str | None  # the original model's source as the manifest records it, if published
     where: str  # for messages
+    record: dict | None = None  # the manifest's `base` section (source, fingerprint, original), if published
+    uri: str | None = None  # the version's URI when read from a bucket (for the commands messages suggest)
 
     @property
     def structured(self) -> bool:
@@ -64,8 +66,12 @@ def read_base(base: str | Path) -> PrunedBase:
             f"the base at {text!r} has no {MASKS}: recovery needs the masks published with the base. Pass "
             "the published version (or the prune/align step's output directory), which holds masks/."
         )
-    source = json.loads(manifest.read_text())["base"].get("source") if manifest.is_file() else None
-    return _base(load_config(model_dir), load_masks(masks_file), source, text)
+    record = json.loads(manifest.read_text()).get("base") if manifest.is_file() else None
+    record = record if isinstance(record, dict) else None
+    config = load_config(model_dir)
+    return _base(
+        config, load_masks(masks_file), (record or {}).get("source"), text, record, str(root.absolute())
+    )
 
 
 def _read_uri(uri: str) -> PrunedBase:
@@ -84,16 +90,23 @@ def _read_uri(uri: str) -> PrunedBase:
             fs.get_file(remote, str(Path(tmp) / name))
         config = load_config(Path(tmp) / "model")
         masks = load_masks(Path(tmp) / MASKS)
-    return _base(config, masks, manifest.base.get("source"), version_uri)
+    return _base(config, masks, manifest.base.get("source"), version_uri, manifest.base, version_uri)
 
 
-def _base(config: PretrainedConfig, masks: Masks, source: str | None, where: str) -> PrunedBase:
+def _base(
+    config: PretrainedConfig,
+    masks: Masks,
+    source: str | None,
+    where: str,
+    record: dict | None = None,
+    uri: str | None = None,
+) -> PrunedBase:
     if not getattr(config, "loram", None):
         raise LoramError(
             f"the model at {where!r} has no `loram` section in config.json, so it is not a LoRAM base; "
             "an adapter trained on an unpruned model needs no recovery."
         )
-    return PrunedBase(config, masks, source, where)
+    return PrunedBase(config, masks, source, where, record, uri)
 
 
 def original_config(base: PrunedBase, original: str | Path | None) -> PretrainedConfig:
@@ -113,7 +126,13 @@ def original_config(base: PrunedBase, original: str | Path | None) -> Pretrained
     del derived.loram
     if original is None or not (Path(original) / "config.json").is_file():
         return derived
-    config = AutoConfig.from_pretrained(original)
+    try:  # never remote code: transformers would ask "Do you wish to run the custom code?"
+        config = AutoConfig.from_pretrained(original, trust_remote_code=False)
+    except ValueError as err:
+        raise LoramError(
+            f"--original {str(original)!r}: transformers cannot read its config.json without running the code "
+            f"it ships ({str(err).splitlines()[0][:160]}). Pass --original the plain original checkpoint."
+        ) from None
     fields = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size")  # fmt: skip
     diff = [f"{f}: {getattr(config, f, None)} vs {getattr(derived, f, None)}" for f in fields
@@ -124,15 +143,3 @@ def original_config(base: PrunedBase, original: str | Path | None) -> Pretrained
             "original vs base). Pass --original the checkpoint named in the base's manifest."
         )
     return config
-
-
-def original_name(base: PrunedBase, original: str | Path | None) -> str:
-    """What the recovered adapter's `base_model_name_or_path` says: `original`, else the manifest's source."""
-    if original is not None:
-        return str(original)
-    if base.source:
-        return base.source
-    raise LoramError(
-        f"the base at {base.where!r} has no manifest naming its original model, so the recovered adapter could "
-        "not say which model it is for. Pass --original (the original checkpoint directory or its hub id)."
-    )

@@ -20,6 +20,7 @@ from loram_core.checks import preflight
 from loram_core.steps._common import Progress, compute_device
 from loram_core.steps.alignment import align, train_log
 from loram_core.steps.evaluation import evaluate
+from loram_core.steps.heldout import reference_loss
 from loram_core.steps.inputs import (
     base_fingerprint,
     base_path,
@@ -53,6 +54,7 @@ __all__ = [
     "publish",
     "publish_uri",
     "quantize",
+    "reference_loss",
     "text_blocks_info",
     "train_log",
 ]

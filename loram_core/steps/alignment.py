@@ -19,6 +19,7 @@ from loram_core.dtypes import published_dtype, save_pretrained_as
 from loram_core.launch import DeadlineExceeded
 from loram_core.models import load_config, load_model
 from loram_core.steps._common import Progress, commit, compute_device, step_dir, tmp_for
+from loram_core.steps.heldout import with_heldout
 from loram_core.steps.pruning import sparse_masks
 from loram_core.steps.teacher import announce_plan, distiller_for, require_base, topk_cache
 from loram_core.steps.torchrun import DEADLINE_FIX, align_torchrun, deadline_s
@@ -33,6 +34,7 @@ def align(
     pruned_dir: str,
     blocks_file: str,
     progress: Progress | None = None,
+    heldout_file: str | None = None,
     base_dir: str | None = None,
 ) -> str:
     """Continual pre-training of the pruned model (or distillation: `align.objective`); resumes after a crash.
@@ -48,7 +50,10 @@ def align(
         ctx: the run's work dir and device.
         pruned_dir: the pruned checkpoint (`prune`).
         blocks_file: the corpus's packed blocks (`prepare_corpus`); trained on its training split.
-        progress: called with `{"step", "total", "loss", ...}` as training goes.
+        progress: called with `{"step", "total", "loss", ...}` as training goes (and `heldout_loss`
+            every `align.eval_every` steps, given `heldout_file`).
+        heldout_file: the eval blocks (`prepare_eval`); the first `HELDOUT_BLOCKS` are scored for
+            the held-out points (in-process alignment; they do not change the result).
         base_dir: the original checkpoint, the teacher of `kd` and `cpt+kd` (unused by `cpt`).
     """
     device = compute_device(ctx)
@@ -76,11 +81,14 @@ def align(
     else:
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
+        points: list[tuple[int, float]] = []
+        report = with_heldout(progress, model, heldout_file, align, points)
         result = train_causal_lm(
             model, blocks.train, align, checkpoint_dir=work, masks=sparse_masks(pruned_dir),
-            progress=_with_deadline(progress, deadline_s(align), work),
+            progress=_with_deadline(report, deadline_s(align), work),
             distiller=distiller_for(align, base_dir, cache, blocks.train, device),
         ).to_dict()  # fmt: skip
+        result["heldout"] = points
         save_pretrained_as(model, tmp, dtype)
     result["memory_plan"] = plan
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
@@ -102,12 +110,14 @@ def align_key(
 ) -> dict:
     """What the align step's output depends on: its work dir is `align-<fingerprint of this>`.
 
-    A deadline does not change the result; nor do the distillation keys under `cpt`, so `cpt` work
-    dirs made before those keys existed keep their keys. `kd` and `cpt+kd` add the teacher.
+    Neither a deadline nor the held-out points (`eval_every`) change the result; nor do the
+    distillation keys under `cpt`, so `cpt` work dirs made before those keys existed keep their
+    keys. `kd` and `cpt+kd` add the teacher.
     """
     distilling = uses_teacher(align)
+    unused = {"deadline_minutes", "eval_every", *(() if distilling else KD_KEYS)}
     key = {
-        "align": align.model_dump(exclude={"deadline_minutes", *(() if distilling else KD_KEYS)}),
+        "align": align.model_dump(exclude=unused),
         "pruned": pruned_dir,
         "corpus": blocks_file,
         "device": device_type,

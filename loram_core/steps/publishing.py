@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loram_core import __version__
 from loram_core.config import PipelineConfig
 from loram_core.steps._common import Progress, fresh
 from loram_core.steps.alignment import train_log
@@ -20,21 +18,7 @@ from loram_core.steps.inputs import (
     prepare_eval,
     text_blocks_info,
 )
-
-
-def code_version() -> str:
-    """This package's version, with the git commit when it runs from a checkout (`0.1.0+gabc1234`)."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        return f"{__version__}+g{sha}"
-    except (OSError, subprocess.CalledProcessError):
-        return __version__
+from loram_core.version import code_version
 
 
 def pin_version(cfg: PipelineConfig) -> PipelineConfig:
@@ -68,11 +52,17 @@ def publish(
     `verification` (the `verify` step's record, when it ran) goes into the manifest and the model card.
 
     Returns:
-        `{"uri", "status" ("published" | "unchanged"), "uploaded_files", "uploaded_bytes", "skipped_files"}`.
+        `{"uri", "status" ("published" | "unchanged"), "uploaded_files", "uploaded_bytes", "skipped_files",
+        "latest" ({"moved", "reason"})}`. A minted version whose content a published version of the
+        name already holds (every step reused) is not published: the result names that version,
+        `unchanged` (`steps._releases`).
     """
+    from loram_core.bucket import open_store
     from loram_core.bucket import publish as publish_files
+    from loram_core.bucket.upload import move_latest
     from loram_core.card import model_card
     from loram_core.manifest import list_files
+    from loram_core.steps._releases import latest_decision, record_published, same_content
 
     version = pin_version(cfg).publish.version
     uri = publish_uri(cfg)
@@ -90,8 +80,17 @@ def publish(
         )
         (staging / "README.md").write_text(model_card(manifest, uri, remote_code=remote_code))
         manifest.files = list_files(staging)
+        move, reason = latest_decision(cfg, manifest.align.get("enabled", True), nf4_dir is not None)
+        existing = same_content(cfg, uri, manifest)
+        if existing is not None:  # every step reused: that version already holds this content
+            moved = move and move_latest(open_store(uri), existing)
+            version_uri = f"{uri.rstrip('/')}/{existing.name}/{existing.version}"
+            return {"uri": version_uri, "status": "unchanged", "uploaded_files": 0, "uploaded_bytes": 0,
+                    "skipped_files": len(existing.files), "latest": {"moved": moved, "reason": reason}}  # fmt: skip
         check = cfg.publish.check_create_only
-        return asdict(publish_files(staging, manifest, uri, check_create_only=check, progress=progress))
+        done = publish_files(staging, manifest, uri, check_create_only=check, progress=progress, latest=move)
+        record_published(cfg.workdir, uri, manifest)
+        return {**asdict(done), "latest": {"moved": done.latest_moved, "reason": reason}}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -141,7 +140,8 @@ def _manifest(
         version=version,
         # LATEST follows publication time: microseconds, so two versions of one second are ordered.
         created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        base=_base_record(cfg.base.source, base_dir, base_config),
+        # base.original: where a consumer finds the original (recover, merge)
+        base={**_base_record(cfg.base.source, base_dir, base_config), "original": _original(cfg, base_dir)},
         corpus={k: v for k, v in corpus_info(blocks_file).items() if k != "files"},
         calibration={
             **cfg.calibration.model_dump(mode="json"),
@@ -164,6 +164,20 @@ def _manifest(
         files=[],
         code_version=code_version(),
     )
+
+
+def _original(cfg: PipelineConfig, base_dir: str) -> dict:
+    """The manifest's `base.original` (`loram_core.original`): for the demo, its cache path
+    and what rebuilds it."""
+    from loram_core.original import original_record
+    from loram_core.sources import heldout_rule
+
+    demo = None
+    if cfg.base.source == "demo":
+        fraction, unit = heldout_rule(cfg)
+        demo = {"demo": cfg.base.demo.model_dump(mode="json"), "cache_dir": cfg.base.cache_dir,
+                "heldout_fraction": fraction, "heldout_unit": unit}  # fmt: skip
+    return original_record(cfg.base.source, base_dir, demo)
 
 
 def _base_record(source: str, base_dir: str, base_config) -> dict:

@@ -112,8 +112,14 @@ def test_inspect_fails_on_a_tampered_version(tmp_path: Path) -> None:
     (staging / "model" / "w.safetensors").write_bytes(b"1234")
     m = bare_manifest(staging, name="n", version="v")
     publish_version(staging, m, f"file://{tmp_path}/b")
-    ok = loram("inspect", f"file://{tmp_path}/b/n")
+    ok = loram("inspect", f"file://{tmp_path}/b/n", "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["version"] == "v"
+    summary = loram(
+        "inspect", f"file://{tmp_path}/b/n"
+    )  # a short summary a person reads, not 290 lines of JSON
+    assert summary.returncode == 0 and len(summary.stdout.splitlines()) <= 12, summary.stdout
+    assert "n/v" in summary.stdout and "every size and sha256 matches the manifest" in summary.stdout
+    assert f"loram pull file://{tmp_path}/b/n/v ./n-v" in summary.stdout
     (tmp_path / "b" / "n" / "v" / "model" / "w.safetensors").write_bytes(b"12345")
     bad = loram("inspect", f"file://{tmp_path}/b/n/v")
     assert bad.returncode == 2 and "model/w.safetensors: 5 bytes, manifest says 4" in bad.stderr
@@ -271,3 +277,107 @@ def test_handled_error_in_a_task_prints_one_paragraph_and_logs_the_traceback(
     text = logs[0].read_text()
     assert text.count("Traceback (most recent call last)") == 2  # the task run's and the flow run's
     assert "LoramError: the base went away" in text
+
+
+def test_a_bad_key_in_the_file_is_blamed_on_the_file_with_a_suggestion(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune:\n  strategy: random\n  ration: 0.3\n")
+    result = loram("run", str(bad), f"workdir={tmp_path / 'w'}")
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert f"unknown key `prune.ration` (in {bad}); did you mean `prune.ratio`?" in message
+    assert "command line" not in message
+
+
+def test_pull_never_replaces_another_version_silently(tmp_path: Path) -> None:
+    from loram_core.bucket import publish_version
+    from tests.conftest import bare_manifest
+
+    for version in ("v1", "v2"):
+        staging = tmp_path / f"s-{version}"
+        (staging / "model").mkdir(parents=True)
+        (staging / "model" / "w.safetensors").write_bytes(version.encode() * 100)
+        manifest = bare_manifest(staging, name="n", version=version)
+        manifest.created_at = f"2026-01-0{version[1]}T00:00:00+00:00"
+        publish_version(staging, manifest, f"file://{tmp_path}/b")
+    dest = tmp_path / "dest"
+    assert loram("pull", f"file://{tmp_path}/b/n/v1", str(dest)).returncode == 0
+    again = loram("pull", f"file://{tmp_path}/b/n/v1", str(dest))  # the same version: pulled again in place
+    assert again.returncode == 0, again.stderr
+    other = loram("pull", f"file://{tmp_path}/b/n", str(dest))  # LATEST is v2
+    assert other.returncode == 2
+    message = " ".join(other.stderr.split())
+    assert f"'{dest}' holds n/v1 (an earlier pull); pulling n/v2 would replace it. Pass --force" in message
+    assert json.loads((dest / "manifest.json").read_text())["version"] == "v1"  # untouched
+    forced = loram("pull", f"file://{tmp_path}/b/n", str(dest), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((dest / "manifest.json").read_text())["version"] == "v2"
+
+
+def test_run_summary_keeps_sentences_out_of_table_cells_and_links_absolute(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The UI clipped the alignment sentence inside a table cell and the link was `file://./bucket/...`."""
+    from loram_provider.flows.provider import summary_markdown
+
+    monkeypatch.chdir(tmp_path)
+    metrics = {"original_ppl": 60.2, "pruned_ppl": 68.74, "aligned_ppl": 57.0}
+    params = {"original_params": 1_705_600, "pruned_params": 1_223_296, "stored_params": 1_223_296,
+              "stored_bytes": 4_900_000, "reduction": 1.39, "hbm_gb": 0.0023, "hbm_gb_4bit": 0.0006,
+              "hbm_gb_4bit_actual": 0.0013, "pruned_layers": [1, 2]}  # fmt: skip
+    latest = {"moved": False, "reason": "publish.latest=auto moves LATEST only for an aligned and NF4-quantized "
+                                        "version, and this one has no NF4 variant"}  # fmt: skip
+    text = summary_markdown(
+        "file://./bucket/demo-llama/v1", {"metrics": metrics, "params": params}, "published", latest
+    )
+    assert text.startswith(f"## Published `file://{tmp_path.resolve()}/bucket/demo-llama/v1`")
+    cells = [line for line in text.splitlines() if line.startswith("|")]
+    assert not any("alignment recovered" in c or "LATEST" in c for c in cells)
+    assert "\nAlignment recovered 137% of the pruning damage" in text
+    assert "`LATEST` was left where it was (publish.latest=auto moves LATEST only" in text
+    assert "| memory, 16-bit as stored | 2.36 MiB |" in text and "as NF4 stores it" not in text  # no NF4 made
+    assert not any(c.startswith("| -") for c in cells)
+
+
+def test_loram_original_rebuilds_the_demo_base_with_the_fingerprint_the_manifest_records(
+    tmp_path: Path,
+) -> None:
+    """The demo base is not on the consumer's machine: `loram original` says so and names `--build`,
+    which pretrains it from the manifest's settings to the same bytes (one machine, same threads)."""
+    import shutil
+
+    from loram_core.config import BaseConfig, CorpusConfig
+    from loram_core.data import demo_corpus_file
+    from loram_core.demo import build_demo_base
+    from loram_core.steps.inputs import base_fingerprint
+    from tests.conftest import bare_manifest
+
+    demo = BaseConfig(demo={"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "num_key_value_heads": 1, "seq_len": 32,
+                            "pretrain_steps": 3, "batch_size": 4}, cache_dir=str(tmp_path / "publisher"))  # fmt: skip
+    built = build_demo_base(demo, CorpusConfig())  # on the publisher's machine
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()  # the stdlib corpus is byte-identical for a Python version: copied, not rebuilt
+    shutil.copy(demo_corpus_file(demo.cache_dir), consumer / demo_corpus_file(demo.cache_dir).name)
+    version = tmp_path / "version"
+    version.mkdir()
+    manifest = bare_manifest(version, name="demo-llama", version="v1")
+    manifest.base = {"source": "demo", "fingerprint": base_fingerprint(str(built)), "original": {
+        "kind": "demo", "path": str(consumer / built.name), "cache_dir": str(consumer),
+        "demo": demo.demo.model_dump(mode="json"), "heldout_fraction": 0.05, "heldout_unit": "documents"}}  # fmt: skip
+    (version / "manifest.json").write_text(manifest.model_dump_json())
+    missing = loram("original", str(version))
+    assert missing.returncode == 2
+    assert f"Rebuild it with `loram original --build {version}`" in " ".join(missing.stderr.split())
+    rebuilt = loram("original", "--build", str(version))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.strip() == str(consumer / built.name)
+    assert f"fingerprint {base_fingerprint(str(built))} matches" in rebuilt.stderr
+    other = version.parent / "other"
+    other.mkdir()
+    manifest.base = {"source": "/models/llama", "original": {"kind": "path", "path": "/models/llama"}}
+    (other / "manifest.json").write_text(manifest.model_dump_json())
+    refused = loram("original", "--build", str(other))
+    assert refused.returncode == 2 and "--build rebuilds only the demo base" in " ".join(
+        refused.stderr.split()
+    )

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "prefect", "safetensors")
-COMMANDS = ("run", "inspect", "pull", "plan", "recover", "merge", "verify", "deploy")
+COMMANDS = ("run", "inspect", "pull", "plan", "recover", "merge", "original", "verify", "deploy")
 
 WITHOUT_HEAVY = f"""
 import sys
@@ -48,6 +48,14 @@ def test_help_answers_without_the_heavy_stack() -> None:
         assert command in result.stdout
 
 
+def test_version_answers_without_the_heavy_stack() -> None:
+    from loram_core import __version__
+
+    result = loram_light("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"loram-provider {__version__}") and len(result.stdout.splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_commands_help_answers_without_the_heavy_stack(command: str) -> None:
     result = loram_light(command, "--help")
@@ -59,7 +67,11 @@ def test_each_commands_help_answers_without_the_heavy_stack(command: str) -> Non
     ("args", "expected"),
     [
         (("run", "configs/demo.yaml", "prune.ratio=2"), "`prune.ratio` = 2: Input should be less than 1"),
-        (("run", "configs/demo.yaml", "prune.ration=0.5"), "unknown key `prune.ration`"),
+        (
+            ("run", "configs/demo.yaml", "prune.ration=0.5"),
+            "unknown key `prune.ration` (set on the command line: prune.ration=0.5); did you mean `prune.ratio`?",
+        ),
+        (("run", "configs/demo.yaml", "publish.latest=maybe"), "Input should be 'auto', True or False"),
         (("run", "configs/nope.yaml"), "config file 'configs/nope.yaml' does not exist"),
         (("verify", "configs/demo.yaml", "align.steps=0"), "`align.steps` = 0"),
         (("verify", "configs/demo.yaml", "until=prune"), "verification needs a pruned and aligned base"),

@@ -4,6 +4,7 @@ artifacts, and tells a webhook when it fails. Under a Prefect test server, on th
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -77,10 +78,11 @@ def test_bad_bucket_uri_fails_in_the_flows_preflight_before_pruning_and_notifies
     with pytest.raises(LoramError, match=r"publish.uri='ftp://example.org/models'"):
         provider(cfg)
     assert not list((tmp_path / "work").glob("prune-*"))  # nothing computed
-    name = "demo random r=0.65 -> demo-llama"
+    # Named after what it makes, its version pinned (12 steps of 16 x 64 tokens): runs read apart.
+    name = "demo random r=0.65, align 12 steps (12.3k tokens), NF4 -> demo-llama/"
     with get_client(sync_client=True) as client:
         (run,) = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])),
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=name)),
             sort=FlowRunSort.ID_DESC,
             limit=5,
         )
@@ -89,11 +91,12 @@ def test_bad_bucket_uri_fails_in_the_flows_preflight_before_pruning_and_notifies
             sort=TaskRunSort.ID_DESC,
             limit=50,
         )
+    assert run.name.startswith(name) and re.fullmatch(r"\d{8}-\d{6}", run.name.removeprefix(name))
     tasks = {t.name.rsplit("-", 1)[0]: t.state.type.value for t in task_runs}
     assert run.state.type.value == "FAILED"
     assert tasks == {"preflight": "FAILED"}  # no prepare_base, no prune
     assert {"loram", "strategy:random", "model:demo", "publish:demo-llama"} <= set(run.tags)
-    assert len(received) == 1 and name in received[0]["text"] and "ftp://" in received[0]["body"]
+    assert len(received) == 1 and run.name in received[0]["text"] and "ftp://" in received[0]["body"]
 
 
 def test_a_run_leaves_plan_evaluation_and_link_artifacts(
@@ -129,7 +132,8 @@ def test_a_run_leaves_plan_evaluation_and_link_artifacts(
     # The model steps get their own section and the run's context, nothing else (the UI lists them).
     inputs = _task_inputs(arts["evaluation"]["flow_run_id"])
     assert inputs["prune"] == {"prune", "ctx", "base_dir", "calib_file"}
-    assert inputs["align"] == {"align", "ctx", "pruned_dir", "blocks_file"}
+    assert inputs["align"] == {"align", "ctx", "pruned_dir", "blocks_file", "eval_file", "reference"}
+    assert inputs["reference_loss"] == {"ctx", "base_dir", "eval_file"}
     assert inputs["prepare_calibration"] == {"cfg", "base_dir", "blocks_file"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -127,13 +128,19 @@ def test_alignment_loss_curve_is_one_artifact_updated_during_the_run(
     drawn: list[str] = []
     draw = progress.loss_markdown
     monkeypatch.setattr(
-        progress, "loss_markdown", lambda title, losses: drawn.append(title) or draw(title, losses)
+        progress, "loss_markdown", lambda title, *rest: drawn.append(title) or draw(title, *rest)
     )
     cfg = load_config(REPO / "configs" / "demo.yaml", TINY + [
         f"workdir={tmp_path / 'work'}", f"base.cache_dir={cache}", "quantize.enabled=false",
-        f"publish.uri=file://{tmp_path / 'bucket'}", "align.steps=20", "align.log_every=2",
+        f"publish.uri=file://{tmp_path / 'bucket'}", "align.steps=20", "align.log_every=2", "align.eval_every=5",
     ])  # fmt: skip
-    provider(cfg.model_dump(mode="json"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        provider(cfg.model_dump(mode="json"))
+    # Every artifact, the upload threads' progress included, is made in its task's run context.
+    assert not [w for w in caught if "outside of a flow or task run" in str(w.message)]
 
     async def versions() -> list:
         async with get_client() as client:
@@ -152,3 +159,80 @@ def test_alignment_loss_curve_is_one_artifact_updated_during_the_run(
     assert "step 20/20" in mine[0].data
     align_titles = [t for t in drawn if t.startswith("Alignment")]
     assert len(align_titles) >= 5 and align_titles[0].endswith("step 2/20")
+    # Held-out points at the first log line at or after every 5 steps, beside the original's loss.
+    rows = {
+        int(r.split("|")[1]): r.split("|")[3].strip()
+        for r in mine[0].data.splitlines()
+        if re.match(r"\| \d+ \|", r)
+    }
+    assert [s for s, held in rows.items() if held] == [6, 10, 16, 20]
+    reference = float(re.search(r"original model's held-out loss \((\d+\.\d+)\)", mine[0].data)[1])
+    log = json.loads(next((tmp_path / "work").glob("align-*/train_log.json")).read_text())
+    assert [s for s, _ in log["heldout"]] == [6, 10, 16, 20] and all(
+        math.isfinite(v) for _, v in log["heldout"]
+    )
+    assert 0 < reference < math.log(512)  # the pretrained original beats uniform over the vocabulary
+
+
+def test_each_step_has_one_live_card_updated_in_place(prefect_server, cache: Path, tmp_path: Path) -> None:
+    """The step cards: what the step does (step/total, loss, tokens/s, ETA, device, memory), then how it ended."""
+    from loram_provider.flows.provider import provider
+    from tests.flows.test_ops_flow import _latest_artifacts
+
+    common = TINY + [f"workdir={tmp_path / 'work'}", f"base.cache_dir={cache}", "quantize.enabled=false",
+                     f"publish.uri=file://{tmp_path / 'bucket'}", "align.eval_every=4"]  # fmt: skip
+    provider(load_config(REPO / "configs" / "demo.yaml", common))
+    cards = _latest_artifacts(["step-prune", "step-align", "step-evaluate", "step-publish"])
+    assert set(cards) == {"step-prune", "step-align", "step-evaluate", "step-publish"}
+    align = cards["step-align"]["data"]
+    for row in ("| state | done |", "| step | 12 / 12 (100%) |", "| training loss |", "| held-out loss |",
+                "| original's held-out loss |", "| tokens/s |", "| MFU | not measured on cpu (no known peak FLOP/s) |", "| elapsed |", "| device | cpu (", "peak RSS (host)"):  # fmt: skip
+        assert row in align, row
+    assert "\n| -" not in align  # no cell the UI would turn into a bullet
+    publish = cards["step-publish"]["data"]
+    assert "| state | done |" in publish and re.search(r"\| MiB sent \| \d+ / \d+ \(100%\) \|", publish)
+    # Run again: every step finds its output, and its card says so.
+    provider(load_config(REPO / "configs" / "demo.yaml", common))
+    again = _latest_artifacts(["step-prune", "step-align"])
+    assert again["step-align"]["id"] != cards["step-align"]["id"]  # one card per run ...
+    assert "| state | reused |" in again["step-align"]["data"]  # ... saying what happened
+    assert re.search(r"\| output \| `\S+/align-[0-9a-f]{16}` \(finished earlier", again["step-align"]["data"])
+
+
+def test_progress_from_upload_threads_never_goes_backwards_and_stays_in_the_task(prefect_server) -> None:
+    """Upload threads report out of order (publish's counter once read 4/6 ... 0/6 ... 4/6)."""
+    import threading
+    import warnings
+
+    from prefect import flow, task
+
+    import loram_provider.tasks._progress as progress
+
+    seen: list[int] = []
+
+    @task
+    def upload() -> str:
+        bar = progress.StepProgress("publish", "Publishing", counting="MiB sent")
+        bar.start()
+        order = [1, 4, 0, 2, 4, 3, 5, 6, 5]
+        threads = [threading.Thread(target=bar, args=({"step": n, "total": 6, "what": "w"},)) for n in order]
+        for t in threads:  # one after the other: the order is the test's, not the scheduler's
+            t.start()
+            t.join()
+        bar.finish()
+        return bar.card_markdown("done")
+
+    @flow
+    def run() -> str:
+        return upload()
+
+    progress.LISTENERS.append(lambda name, done, total, event: seen.append(done))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            card = run()
+    finally:
+        progress.LISTENERS.pop()
+    assert seen == [1, 4, 4, 5, 6]  # 0, 2 and 3 arrived after 4, the last 5 after 6: dropped
+    assert not [w for w in caught if "outside of a flow or task run" in str(w.message)]
+    assert "| MiB sent | 6 / 6 (100%) |" in card and "| state | done |" in card

@@ -61,7 +61,13 @@ def test_card_gives_an_absolute_uri_for_a_relative_bucket(
 def test_card_says_how_to_load_train_and_recover() -> None:
     structured = model_card(_manifest("structured"), "s3://bucket")
     assert 'from_pretrained("./demo-llama-v1/model", trust_remote_code=True' in structured
-    assert "get_peft_model" in structured and "PeftModel.from_pretrained(original" in structured
+    assert "get_peft_model" in structured
+    assert (
+        'AutoPeftModelForCausalLM.from_pretrained("my-lora-full")' in structured
+    )  # the adapter names the original
+    assert (
+        "loram recover --base s3://bucket/demo-llama/v1 --adapter my-lora --out my-lora-full\n" in structured
+    )
     sparse = model_card(_manifest("semi"), "s3://bucket")
     assert "trust_remote_code" not in sparse and "stock architecture loads it as is" in sparse
     assert "--mode dense" in sparse
@@ -77,6 +83,22 @@ def test_recovery_above_100_percent_is_explained_and_no_damage_is_no_percentage(
     assert "%" not in none and "no measurable damage" in none
     card = model_card(_manifest(aligned_ppl=57.0), "s3://bucket")
     assert "Alignment recovered 137% of the pruning damage" in card and "beats the original" in card
+
+
+def test_a_prune_only_card_describes_only_what_the_version_holds() -> None:
+    """No "aligned", no NF4 size and no `model-nf4/` for a version stopped after pruning without NF4."""
+    m = _manifest("random")
+    m.quantize = {"enabled": False}
+    m.metrics = {"original_ppl": 60.2, "pruned_ppl": 68.74}
+    card = model_card(m, "file:///b", remote_code=True)
+    assert (
+        "the pruned model (not aligned)" in card and "(not aligned: this run stopped after pruning)" in card
+    )
+    assert "aligned pruned model" not in card and "aligned to the original" not in card
+    assert "model-nf4" not in card and "as NF4 stores it" not in card and "NF4 linears" not in card
+    assert "`model/` ships `modeling_loram.py`" in card  # the remote-code paragraph, of model/ alone
+    full = model_card(_manifest("random"), "file:///b", remote_code=True)
+    assert "`model/` and `model-nf4/` ship" in full and "as NF4 stores it" in full and "NF4 linears" in full
 
 
 def test_card_opens_with_hugging_face_metadata_naming_the_original() -> None:

@@ -354,3 +354,165 @@ def test_cli_recover_and_merge(tmp_path) -> None:
     out = runner.invoke(app, ["recover", "--base", str(pruned), "--adapter", str(tmp_path / "small"),
                               "--out", str(tmp_path / "x"), "--mode", "dense", "--original", str(original)])  # fmt: skip
     assert out.exit_code == 2 and "does not apply" in out.output
+
+
+def _version_dir(tmp: Path, pruned: Path, base: dict) -> Path:
+    """A published version's layout as `read_base` reads it: model/config.json, masks/, manifest.json."""
+    version = tmp / "version"
+    (version / "model").mkdir(parents=True)
+    shutil.copy(pruned / "config.json", version / "model" / "config.json")
+    shutil.copytree(pruned / "masks", version / "masks")
+    (version / "manifest.json").write_text(json.dumps({"base": base}))
+    return version
+
+
+def test_the_original_recorded_in_the_manifest_is_found_checked_by_fingerprint_or_refused(tmp_path) -> None:
+    from loram_core.steps.inputs import base_fingerprint
+
+    original, pruned = _pruned_base(tmp_path)
+    _adapter(pruned, tmp_path / "small")
+    fp = base_fingerprint(str(original))
+    version = _version_dir(tmp_path, pruned, {"source": str(original), "fingerprint": fp,
+                                              "original": {"kind": "path", "path": str(original)}})  # fmt: skip
+    found = recover(version, tmp_path / "small", tmp_path / "rec")
+    assert found.base_model == str(original) and f"fingerprint {fp} matches" in found.original
+    config = json.loads((tmp_path / "rec" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(original)
+    # Another checkpoint where the record points: refused, naming --original (nothing written).
+    (version / "manifest.json").write_text(json.dumps({"base": {"source": str(original), "fingerprint": "0" * 16,
+                                                                "original": {"kind": "path", "path": str(original)}}}))  # fmt: skip
+    with pytest.raises(LoramError, match=r"holds another checkpoint.*fingerprint is .*Pass --original"):
+        recover(version, tmp_path / "small", tmp_path / "other")
+    # Not on this machine: refused, naming --original.
+    gone = {
+        "source": "/elsewhere/llama",
+        "fingerprint": fp,
+        "original": {"kind": "path", "path": "/elsewhere/llama"},
+    }
+    (version / "manifest.json").write_text(json.dumps({"base": gone}))
+    with pytest.raises(
+        LoramError,
+        match=r"'/elsewhere/llama' \(a checkpoint on the publisher's machine\), is not here\. Pass --original",
+    ):
+        recover(version, tmp_path / "small", tmp_path / "other")
+    # The demo base, not built here: the command that rebuilds it.
+    demo = {
+        "kind": "demo",
+        "path": str(tmp_path / "cache" / "demo-base-0123"),
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    (version / "manifest.json").write_text(
+        json.dumps({"base": {"source": "demo", "fingerprint": fp, "original": demo}})
+    )
+    with pytest.raises(
+        LoramError,
+        match=r"demo base this version was pruned from is not on this machine.*`loram original --build .*--original",
+    ):
+        recover(version, tmp_path / "small", tmp_path / "other")
+    shutil.copytree(original, tmp_path / "cache" / "demo-base-0123")  # there now: found by itself
+    assert recover(version, tmp_path / "small", tmp_path / "demo").base_model == str(
+        tmp_path / "cache" / "demo-base-0123"
+    )
+    # An older manifest that said only "demo": refused (the adapter would have named "demo").
+    (version / "manifest.json").write_text(json.dumps({"base": {"source": "demo", "fingerprint": fp}}))
+    with pytest.raises(LoramError, match="predates the record.*Pass --original"):
+        recover(version, tmp_path / "small", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_existing_out_is_refused_unless_forced_and_replaced_only_when_complete(tmp_path) -> None:
+    original, pruned = _pruned_base(tmp_path)
+    _adapter(pruned, tmp_path / "small")
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "keep.txt").write_text("mine")
+    with pytest.raises(
+        LoramError, match=r"--out .*rec' exists \(a folder with files\); nothing was written\. Pass --force"
+    ):
+        recover(pruned, tmp_path / "small", tmp_path / "rec", original=original)
+    assert (tmp_path / "rec" / "keep.txt").read_text() == "mine"
+    with pytest.raises(LoramError, match="is a pruned LoRAM base"):  # a failure with --force keeps it too
+        recover(pruned, tmp_path / "small", tmp_path / "rec", original=pruned, force=True)
+    assert (tmp_path / "rec" / "keep.txt").read_text() == "mine"
+    recover(pruned, tmp_path / "small", tmp_path / "rec", original=original, force=True)
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "x").write_text("x")
+    with pytest.raises(LoramError, match="--out .*merged' exists"):
+        merge(original, tmp_path / "rec", tmp_path / "merged")
+    merge(None, tmp_path / "rec", tmp_path / "merged", force=True)  # the original the adapter names
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged" / "x").exists()
+    assert not [p for p in tmp_path.iterdir() if ".loram-" in p.name]  # no temporary folder left
+
+
+def test_merge_names_its_own_flag_when_the_original_is_missing(tmp_path) -> None:
+    original, pruned = _pruned_base(tmp_path)
+    _adapter(original, tmp_path / "full")
+    with pytest.raises(LoramError, match=r"--original '/nope' is not a checkpoint directory here") as err:
+        merge("/nope", tmp_path / "full", tmp_path / "merged")
+    assert "base.source" not in str(err.value) and not (tmp_path / "merged").exists()
+    config = json.loads((tmp_path / "full" / "adapter_config.json").read_text())
+    (tmp_path / "full" / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": None})
+    )
+    with pytest.raises(LoramError, match=r"names no base model \(base_model_name_or_path\); pass --original"):
+        merge(None, tmp_path / "full", tmp_path / "merged")
+
+
+def test_an_adapter_trained_with_remote_code_recovers_to_the_stock_class_and_autopeft_loads_it(
+    tmp_path,
+) -> None:
+    """Trained on a published base loaded with trust_remote_code, peft's `auto_mapping` names
+    LoramLlamaForCausalLM in transformers_modules (which AutoPeftModel refuses to import); the
+    recovered adapter names the original's stock class, so AutoPeftModelForCausalLM loads it."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from loram_core.stock import ship_modeling_code
+
+    original, pruned = _pruned_base(tmp_path)
+    assert ship_modeling_code(pruned)  # layers of several widths: the published form ships its code
+    small = AutoModelForCausalLM.from_pretrained(pruned, trust_remote_code=True)
+    assert type(small).__name__ == "LoramLlamaForCausalLM"
+    torch.manual_seed(0)
+    get_peft_model(small, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "small")  # fmt: skip
+    trained = json.loads((tmp_path / "small" / "adapter_config.json").read_text())["auto_mapping"]
+    assert trained["parent_library"].startswith("transformers_modules")
+    with pytest.raises(ValueError, match="not in the import allowlist"):
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "small"))
+    recover(pruned, tmp_path / "small", tmp_path / "rec", original=original)
+    config = json.loads((tmp_path / "rec" / "adapter_config.json").read_text())
+    assert config["auto_mapping"] == {"base_model_class": "LlamaForCausalLM",
+                                      "parent_library": "transformers.models.llama.modeling_llama"}  # fmt: skip
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "rec"))
+    assert type(loaded.base_model.model).__name__ == "LlamaForCausalLM"
+    reference = PeftModel.from_pretrained(load_model(original), tmp_path / "rec")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_cli_recover_with_a_pruned_original_refuses_in_one_paragraph_without_a_prompt(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from loram_core.stock import ship_modeling_code
+
+    original, pruned = _pruned_base(tmp_path)
+    _adapter(pruned, tmp_path / "small")
+    ship_modeling_code(pruned)  # a published base: its config asks for remote code
+    result = subprocess.run(
+        [sys.executable, "-m", "loram_provider.flows.cli", "recover", "--base", str(pruned), "--adapter",
+         str(tmp_path / "small"), "--out", str(tmp_path / "rec"), "--original", str(pruned)],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL,  # a prompt would read EOF, not hang
+    )  # fmt: skip
+    assert result.returncode == 2
+    message = " ".join(result.stderr.split())
+    assert (
+        "is a pruned LoRAM base" in message and "Pass --original the checkpoint it was pruned from" in message
+    )
+    assert "[y/N]" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 6 and not (tmp_path / "rec").exists()

@@ -185,6 +185,10 @@ def test_preflight_refuses_a_missing_bucket_and_a_version_clash(s3: str, tmp_pat
     m.base = {"source": cfg.base.source}
     publish(staging, m, s3)
     checks.check_publish_target(cfg)  # the same settings: the run is expected to reproduce v1
+    # align.eval_every only draws held-out points on the UI's curve: not another model, no clash
+    checks.check_publish_target(
+        _cfg(tmp_path, s3, "publish.name=m", "publish.version=v1", "align.eval_every=7")
+    )
     other = _cfg(tmp_path, s3, "publish.name=m", "publish.version=v1", "prune.ratio=0.3")
     with pytest.raises(
         LoramError, match=r"publish.version='v1': .*m/v1 already exists, made with other settings \(prune\)"
