@@ -135,9 +135,20 @@ def notify_failure(flow: Any, flow_run: FlowRun, state: State) -> None:
     from prefect.blocks.core import Block
 
     block = Block.load(block_ref)
-    subject = f"loram-provider run {flow_run.name!r} {state.type.value.lower()}"
+    name = _current_name(flow_run)
+    subject = f"loram-provider run {name!r} {state.type.value.lower()}"
     body = f"{subject}: {state.message or state.name}\nflow run id: {flow_run.id}"
     block.notify(body=body, subject=subject)
+
+
+def _current_name(flow_run: FlowRun) -> str:
+    """The run's name as the UI shows it now: `tag_run` renames a run once its version is pinned, and
+    the hook's `flow_run` may predate that."""
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run.id).name
+    except Exception:  # the server gone: the name the hook was given is still the run's
+        return flow_run.name
 
 
 def plan_artifact_for(cfg: PipelineConfig, base_dir: str) -> None:

@@ -132,7 +132,15 @@ def test_a_run_leaves_plan_evaluation_and_link_artifacts(
     # The model steps get their own section and the run's context, nothing else (the UI lists them).
     inputs = _task_inputs(arts["evaluation"]["flow_run_id"])
     assert inputs["prune"] == {"prune", "ctx", "base_dir", "calib_file"}
-    assert inputs["align"] == {"align", "ctx", "pruned_dir", "blocks_file", "eval_file", "reference"}
+    assert inputs["align"] == {
+        "align",
+        "ctx",
+        "pruned_dir",
+        "blocks_file",
+        "eval_file",
+        "reference",
+        "base_dir",
+    }
     assert inputs["reference_loss"] == {"ctx", "base_dir", "eval_file"}
     assert inputs["prepare_calibration"] == {"cfg", "base_dir", "blocks_file"}
 
