@@ -48,7 +48,7 @@ def evaluate(
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     heldout = load_file(eval_file)["blocks"]
-    bs = cfg.evaluate.batch_size
+    bs, stride = cfg.evaluate.batch_size, cfg.eval.stride  # the windowed protocol (evaluate.windows)
     dtype = default_dtype(device, cfg.evaluate.dtype)
     metrics: dict = {}
     seconds: dict[str, float] = {}
@@ -57,19 +57,19 @@ def evaluate(
         models["aligned_ppl"] = aligned_dir
     for name, path in models.items():
         t0 = time.perf_counter()
-        metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs)
+        metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs, stride)
         seconds[name] = round(time.perf_counter() - t0, 3)
     if nf4_dir is not None:
         name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
-        metrics[name] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs)
+        metrics[name] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs, stride)
         seconds[name] = round(time.perf_counter() - t0, 3)
     if aligned:
         damage = metrics["pruned_ppl"] - metrics["original_ppl"]
         metrics["recovered"] = (
             (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
         )
-    metrics["heldout_tokens"] = heldout.numel()
+    metrics["heldout_tokens"] = heldout.numel()  # the stream; evaluate.protocol counts the scored ones
     p = plan(load_config(base_dir), cfg.prune).to_dict()
     params = size_summary(p, aligned_dir if aligned else pruned_dir, sparse=cfg.prune.strategy in SPARSE)
     compute = {**describe(device), "eval_dtype": str(dtype).removeprefix("torch."), "eval_seconds": seconds}

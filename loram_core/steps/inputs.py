@@ -56,7 +56,14 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     """Tokenize and pack the corpus with the base model's tokenizer; returns the blocks file."""
     from transformers import AutoTokenizer
 
-    from loram_core.data import files_fingerprint, make_blocks, read_documents, resolve_files, save_blocks
+    from loram_core.data import (
+        files_fingerprint,
+        make_blocks,
+        parts_of,
+        read_documents,
+        resolve_files,
+        save_blocks,
+    )
     from loram_core.sources import heldout_rule
 
     files = resolve_files(cfg.corpus, cfg.base.cache_dir)
@@ -79,6 +86,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
         "fingerprint": corpus_fp,
         "files": files,
         "documents": len(docs),
+        "parts": len(parts_of(docs)),  # paragraphs of text files, records: what the held-out rule splits
         "seq_len": c.seq_len,
         "train_tokens": blocks.train_tokens,
         "heldout_tokens": blocks.heldout.numel(),
@@ -88,7 +96,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 
 
 def corpus_info(blocks_file: str) -> dict:
-    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, token counts)."""
+    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, parts, token counts)."""
     return json.loads((Path(blocks_file).parent / "corpus.json").read_text())
 
 
