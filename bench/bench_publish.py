@@ -88,6 +88,11 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--checksums",
+        action="store_true",
+        help="add a row for ours with S3 checksums sent (AWS_REQUEST_CHECKSUM_CALCULATION unset)",
+    )
     args = ap.parse_args()
 
     server, url = start_server()
@@ -114,13 +119,23 @@ def main() -> None:
             fs.rm(f"{BUCKET}/{prefix}", recursive=True)
             fs.invalidate_cache()
 
-        def ours_put(r: int) -> None:
-            m = bare_manifest(src, name=f"ours{r}", version="v1")
+        def ours_put(r: int, name: str = "ours") -> None:
+            m = bare_manifest(src, name=f"{name}{r}", version="v1")
             m.files = list_files(src)  # sha256 of every file: part of publishing
             publish(src, m, f"s3://{BUCKET}")
 
-        def ours_get(r: int) -> None:
-            pull(f"s3://{BUCKET}/ours{r}/v1", work / f"ours-dest{r}", cache=False)
+        def ours_get(r: int, name: str = "ours") -> None:
+            pull(f"s3://{BUCKET}/{name}{r}/v1", work / f"{name}-dest{r}", cache=False)
+
+        def with_checksums(fn):
+            def run(r: int) -> None:
+                os.environ.pop("AWS_REQUEST_CHECKSUM_CALCULATION")  # S3Store sends them when this is unset
+                try:
+                    fn(r, "ourscrc")
+                finally:
+                    os.environ["AWS_REQUEST_CHECKSUM_CALCULATION"] = "when_required"
+
+            return run
 
         tools = {
             "loram (verified)": (ours_put, ours_get, lambda r: drop(f"ours{r}")),
@@ -133,6 +148,9 @@ def main() -> None:
                                                    f"{work / f's5-dest{r}'}/"], check=True, capture_output=True),
                          lambda r: drop(f"s5{r}")),
         }  # fmt: skip
+        if args.checksums:
+            tools["loram (verified, S3 checksums)"] = (with_checksums(ours_put), with_checksums(ours_get),
+                                                       lambda r: drop(f"ourscrc{r}"))  # fmt: skip
         best: dict[str, list[float]] = {t: [float("inf"), float("inf")] for t in tools}
         cpu: dict[str, list[list[float]]] = {t: [[], []] for t in tools}
         for r in range(args.repeats):

@@ -230,7 +230,7 @@ def pull(
     from loram_core.bucket import pull as run_pull
 
     with Progress(TextColumn("pull"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TextColumn("{task.fields[what]}"), console=err_console) as bar:  # fmt: skip
+                  TextColumn("{task.fields[what]}"), console=err_console, transient=True) as bar:  # fmt: skip
         task = bar.add_task("pull", total=None, what="")
 
         def show(event: dict) -> None:

@@ -47,7 +47,7 @@ def _pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     t.preflight(cfg)
     base = t.prepare_base(cfg)
     ops.plan_artifact_for(cfg, base)
-    corpus = t.prepare_corpus(cfg, base)
+    corpus = t.prepare_corpus(cfg, base) if cfg.reads_corpus() else None  # no step reads it: not tokenized
     calibration = t.prepare_calibration(cfg, base, corpus)
     # Each model step gets its own section and the run's context (work dir, device), nothing else.
     pruned = t.prune(cfg.prune, cfg.context, base, calibration)

@@ -11,8 +11,8 @@ The same loop pretrains the demo base model.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 from torch import nn
 
+from loram_core.align_checkpoint import clear_checkpoint, find_checkpoint, save_checkpoint, settle
 from loram_core.config import AlignConfig
 from loram_core.distributed import Dist
 from loram_core.errors import LoramError
@@ -30,7 +31,11 @@ from loram_core.loss import causal_lm_loss
 from loram_core.models import set_activation_checkpointing
 from loram_core.optim import build_optimizer
 
+__all__ = ["TrainResult", "apply_masks", "clear_checkpoint", "cosine_with_warmup", "freeze_head",
+           "mask_gradients", "sample_positions", "train_causal_lm"]  # fmt: skip
+
 ProgressFn = Callable[[dict], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -99,65 +104,94 @@ def autocast_context(precision: str, device: torch.device):
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights again (sparse strategies): the pattern must survive every step."""
-    params = dict(model.named_parameters())
+    """Zero the pruned weights again (sparse strategies): the pattern must survive every step.
+
+    Args:
+        model: the model whose parameters `masks` names.
+        masks: parameter name -> bool keep-mask of the parameter's shape (True = kept).
+    """
+    params = _masked_params(model, masks)
     with torch.no_grad():
         for name, mask in masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+            params[name].masked_fill_(~mask.to(params[name].device, torch.bool), 0)
 
 
-def _save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer, scheduler, step: int, result: TrainResult, dist_info=None
-) -> None:
-    if dist_info is not None:
+def mask_gradients(model: nn.Module, pruned: dict[str, torch.Tensor]) -> None:
+    """Zero the gradients at pruned positions, before clipping and the optimizer step.
+
+    So pruned positions count nowhere: not in the clipping norm, not in any optimizer state (AdamW's
+    moments stay zero there; FLoRA projects only kept gradients), as llm-compressor's constant
+    sparsity does (gradients masked before the step, weights after it).
+
+    Args:
+        model: the model whose parameters `pruned` names.
+        pruned: parameter name -> bool mask of the *pruned* positions (the keep-mask inverted).
+    """
+    params = _masked_params(model, pruned)
+    for name, where in pruned.items():
+        grad = params[name].grad
+        if grad is not None:
+            grad.masked_fill_(where, 0)
+
+
+def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    missing = sorted(set(masks) - set(params))
+    if missing:
+        raise LoramError(
+            f"the sparse masks name {len(missing)} weight(s) the model does not have (first: {missing[0]}); "
+            "masks/masks.safetensors belongs to another checkpoint: prune this base again."
+        )
+    return params
+
+
+def freeze_head(model: nn.Module) -> list[str]:
+    """Freeze the output head (`align.freeze_lm_head`); on a tied model that is the embedding too.
+
+    With `tie_word_embeddings` the head and the input embedding are one matrix, so freezing the
+    head freezes `embed_tokens` as well: both stay exactly as pruned. This is said in a warning, not
+    done silently; `align.freeze_lm_head=false` trains the shared matrix (head and embedding alike).
+
+    Args:
+        model: a transformers causal LM.
+
+    Returns:
+        The names of the parameters frozen (empty when the model has no `lm_head`).
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return []
+    head.weight.requires_grad_(False)
+    frozen = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    if len(frozen) > 1:
+        log.warning(
+            "align.freeze_lm_head=true on a model with tied embeddings: %s is one matrix, so it is frozen "
+            "as a whole (%s parameters: the input embedding does not train either); set "
+            "align.freeze_lm_head=false to train it.",
+            " = ".join(frozen),
+            f"{head.weight.numel():,}",
+        )
+    return frozen
+
+
+def _save_checkpoint(ckpt_dir: Path, run: _Run, step: int, result: TrainResult) -> None:
+    model_state = optim_state = None
+    if run.dist_info is not None:
         from loram_core.distributed import full_state
 
-        model_sd, optim_sd = full_state(model, optimizer)  # a collective: every rank takes part
-        if not dist_info.main:
+        model_state, optim_state = full_state(run.model, run.optimizer)  # a collective: every rank takes part
+        if not run.dist_info.main:
             torch.distributed.barrier()
             return
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if dist_info is None:
-        save_model(model, str(tmp / "model.safetensors"))
-    else:
-        save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict() if dist_info is None else optim_sd,
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "trainer.json").write_text(
-        json.dumps(
-            {"step": step, "losses": result.losses, "tokens": result.tokens, "seconds": result.seconds}
-        )
-    )
-    # Swap in the new checkpoint: the old one stays until the new one is complete on disk.
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    if ckpt_dir.exists():
-        ckpt_dir.rename(old)
-    tmp.rename(ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    if dist_info is not None:
+    state = {
+        "optimizer": run.optimizer.state_dict() if optim_state is None else optim_state,
+        "scheduler": run.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    trainer = {"step": step, "losses": result.losses, "tokens": result.tokens, "seconds": result.seconds}
+    save_checkpoint(ckpt_dir, run.model, state, trainer, model_state)
+    if run.dist_info is not None:
         torch.distributed.barrier()
-
-
-def clear_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Remove a finished run's checkpoint; call it once the final model is safely saved."""
-    for suffix in ("", ".tmp", ".old"):
-        shutil.rmtree(Path(checkpoint_dir) / f"checkpoint{suffix}", ignore_errors=True)
-
-
-def _find_checkpoint(ckpt_dir: Path) -> Path | None:
-    # A kill between the two renames leaves only `.old`: it is complete, use it.
-    for candidate in (ckpt_dir, ckpt_dir.with_name(ckpt_dir.name + ".old")):
-        if (candidate / "trainer.json").is_file():
-            return candidate
-    return None
 
 
 def train_causal_lm(
@@ -173,6 +207,10 @@ def train_causal_lm(
 ) -> TrainResult:
     """Train `model` in place on `train_blocks` with the next-token loss.
 
+    Each optimizer step averages the gradient over its `batch_size * grad_accum` samples (on every
+    process: `* world`), as Hugging Face's Trainer does, so `max_grad_norm` clips that mean whatever
+    the split into accumulation passes and micro-batches.
+
     On a GPU: bf16 autocast (`precision: auto`), fused AdamW, the attention kernel transformers
     picks (SDPA), the loss in chunks so the vocabulary logits never all exist at once, optional
     `torch.compile` of each decoder layer, and micro-batches sized to free memory on request.
@@ -182,8 +220,10 @@ def train_causal_lm(
         train_blocks: int32 `[n_blocks, seq_len]` token blocks (packed: no padding).
         cfg: steps, batch, optimizer, schedule, precision, checkpoint rhythm.
         checkpoint_dir: where checkpoints go; an existing one there is resumed from.
-        masks: parameter name -> keep-mask (sparse strategies); re-applied after every step.
-        progress: called with a dict (step, total, loss, lr, tokens_per_s, mfu) every `log_every` steps.
+        masks: parameter name -> bool keep-mask (sparse strategies): gradients at pruned positions are
+            zeroed before clipping and the step, the weights there after it.
+        progress: called with a dict (step, total, loss, grad_norm, lr, tokens_per_s, mfu) every
+            `log_every` steps; `grad_norm` is that step's total gradient norm before clipping.
         stop_after: stop (after checkpointing) once this step is reached; for tests of resumption.
         dist_info: this process's place under `torchrun`; the model is wrapped with DDP or FSDP2
             (`cfg.parallel`) and each rank trains on its slice of every global batch. Checkpoints
@@ -194,9 +234,9 @@ def train_causal_lm(
         The loss history and throughput.
     """
     device = next(model.parameters()).device
-    run = _prepare(model, cfg, dist_info, device, train_blocks.shape[1], masked=bool(masks))
-    if masks:
-        masks = {name: m.to(device) for name, m in masks.items()}  # once, not at every step
+    # Moved once, not at every step; held inverted (pruned = True) for in-place masked_fill_.
+    pruned = {name: ~m.to(device, torch.bool) for name, m in masks.items()} if masks else {}
+    run = _prepare(model, cfg, dist_info, device, train_blocks.shape[1], pruned)
     ckpt_dir = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir is not None else None
     result = TrainResult(steps=cfg.steps, flops_per_token=run.flops_per_token)
     start_step = _resume(ckpt_dir, run, result, device)
@@ -213,8 +253,8 @@ def train_causal_lm(
         for accum in range(cfg.grad_accum):
             first = step * per_step + (accum * run.world + run.rank) * cfg.batch_size  # this rank's slice
             idx = sample_positions(first, cfg.batch_size, n_blocks, cfg.seed)
-            step_loss += _forward_backward(run, train_blocks[idx], micro, device) / cfg.grad_accum
-        _optimizer_step(run, cfg, masks)
+            step_loss += _forward_backward(run, train_blocks[idx], micro, device, 1 / cfg.grad_accum)
+        grad_norm = _optimizer_step(run, cfg)
         result.tokens += per_step * seq_len
         if run.dist_info is not None:
             from loram_core.distributed import mean_over_ranks
@@ -227,10 +267,10 @@ def train_causal_lm(
             result.losses.append((done, sum(window) / len(window)))
             window.clear()
             if progress is not None:
-                progress(_progress_event(run, result, done))
+                progress(_progress_event(run, result, done, grad_norm))
         stopping = stop_after is not None and done >= stop_after
         if ckpt_dir is not None and (done % cfg.checkpoint_every == 0 or stopping) and done < cfg.steps:
-            _save_checkpoint(ckpt_dir, model, run.optimizer, run.scheduler, done, result, run.dist_info)
+            _save_checkpoint(ckpt_dir, run, done, result)
         if stopping:
             break
     result.mfu = _mfu(result, run)
@@ -256,6 +296,7 @@ class _Run:
     precision: str
     flops_per_token: float
     peak_flops: float | None
+    pruned: dict[str, torch.Tensor]  # parameter name -> bool mask of its pruned positions (sparse)
 
 
 def _prepare(
@@ -264,15 +305,16 @@ def _prepare(
     dist_info: Dist | None,
     device: torch.device,
     seq_len: int,
-    masked: bool,
+    pruned: dict[str, torch.Tensor],
 ) -> _Run:
     """Freeze the head if asked, wrap for several processes, compile, build optimizer and schedule."""
     from loram_core.device import peak_flops
     from loram_core.loss import training_flops_per_token
     from loram_core.models import decoder_layers
 
-    if cfg.freeze_lm_head and hasattr(model, "lm_head"):
-        model.lm_head.weight.requires_grad_(False)
+    if cfg.freeze_lm_head:
+        freeze_head(model)
+    named = _masked_params(model, pruned)
     if cfg.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     flops_per_token = training_flops_per_token(model, seq_len)
@@ -283,7 +325,7 @@ def _prepare(
     else:
         from loram_core.distributed import wrap
 
-        if cfg.parallel == "fsdp" and (masked or cfg.optimizer != "adamw"):
+        if cfg.parallel == "fsdp" and (pruned or cfg.optimizer != "adamw"):
             raise LoramError(
                 "align.parallel=fsdp shards every weight; sparse masks and FLoRA need whole matrices. "
                 "Use align.parallel=ddp for sparse strategies or align.optimizer=flora."
@@ -302,18 +344,27 @@ def _prepare(
         flora_kappa=cfg.flora_kappa,
         seed=cfg.seed,
         fused=device.type == "cuda",
+        # FLoRA keeps its statistics over kept positions only (AdamW needs nothing: zero gradients
+        # leave its moments zero).
+        masks={named[name]: ~where for name, where in pruned.items()},
     )
     schedule = cosine_with_warmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     # The chunked loss calls the decoder and head directly, which DDP/FSDP wrappers must see.
     chunk_tokens = cfg.loss_chunk_tokens if dist_info is None else None
     return _Run(model, inner, params, optimizer, scheduler, dist_info, rank, world, chunk_tokens,
-                cfg.precision, flops_per_token, peak_flops(device))  # fmt: skip
+                cfg.precision, flops_per_token, peak_flops(device), pruned)  # fmt: skip
 
 
 def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch.device) -> int:
     """Load the latest checkpoint into the run, if there is one; returns the step to start from."""
-    found = _find_checkpoint(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt_dir is None:
+        return 0
+    if run.dist_info is None or run.dist_info.main:
+        settle(ckpt_dir)  # whatever a kill during a save left, one complete checkpoint (or none) now
+    if run.dist_info is not None:
+        torch.distributed.barrier()  # no rank reads while the main one repairs
+    found = find_checkpoint(ckpt_dir)
     if found is None:
         return 0
     state = torch.load(found / "state.pt", weights_only=True)
@@ -334,12 +385,18 @@ def _resume(ckpt_dir: Path | None, run: _Run, result: TrainResult, device: torch
     return meta["step"]
 
 
-def _forward_backward(run: _Run, batch: torch.Tensor, micro: int, device: torch.device) -> float:
-    """Accumulate the gradients of `batch`'s mean loss, `micro` samples per pass; returns the loss."""
+def _forward_backward(
+    run: _Run, batch: torch.Tensor, micro: int, device: torch.device, scale: float = 1.0
+) -> float:
+    """Accumulate the gradients of `scale` x `batch`'s mean loss, `micro` samples per pass.
+
+    `scale` is `1 / grad_accum`, so an optimizer step's passes sum to the gradient of the mean over
+    all its samples. Returns the scaled loss (the passes of a step sum to the step's mean loss).
+    """
     total = 0.0
     for start in range(0, batch.shape[0], micro):
         ids = batch[start : start + micro].to(device=device, dtype=torch.long, non_blocking=True)
-        share = ids.shape[0] / batch.shape[0]  # so the micro-batches' gradients sum to the batch mean's
+        share = ids.shape[0] / batch.shape[0] * scale  # the micro-batches sum to scale x the batch mean
         with autocast_context(run.precision, device):
             loss = causal_lm_loss(run.model, ids, run.chunk_tokens) * share
         loss.backward()
@@ -347,15 +404,27 @@ def _forward_backward(run: _Run, batch: torch.Tensor, micro: int, device: torch.
     return total
 
 
-def _optimizer_step(run: _Run, cfg: AlignConfig, masks: dict[str, torch.Tensor] | None) -> None:
-    """Clip, step, zero the gradients, advance the schedule and re-apply sparse masks."""
+def _optimizer_step(run: _Run, cfg: AlignConfig) -> torch.Tensor:
+    """Mask sparse gradients, clip, step, zero the gradients, advance the schedule, re-mask the weights.
+
+    Returns the total gradient norm before clipping (a 0-dim tensor: read it only when logging, a
+    GPU would otherwise wait for it at every step).
+    """
+    if run.pruned:
+        mask_gradients(run.inner, run.pruned)
     if cfg.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    if masks:
-        apply_masks(run.inner, masks)
+    if run.pruned:
+        params = dict(run.inner.named_parameters())
+        with torch.no_grad():
+            for name, where in run.pruned.items():
+                params[name].masked_fill_(where, 0)
+    return norm
 
 
 def _micro_batch_size(run: _Run, cfg: AlignConfig, blocks: torch.Tensor, device: torch.device) -> int:
@@ -396,11 +465,14 @@ def _mfu(result: TrainResult, run: _Run) -> float | None:
     return result.tokens_per_second * run.flops_per_token / (run.peak_flops * run.world)
 
 
-def _progress_event(run: _Run, result: TrainResult, done: int) -> dict:
+def _progress_event(run: _Run, result: TrainResult, done: int, grad_norm: torch.Tensor) -> dict:
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     event = {
         "step": done,
         "total": result.steps,
         "loss": result.losses[-1][1],
+        "grad_norm": float(grad_norm),
         "lr": run.scheduler.get_last_lr()[0],
         "tokens_per_s": result.tokens_per_second,
     }

@@ -1,10 +1,12 @@
 """Entry point of one alignment process under torchrun (several GPUs of a node, or several nodes).
 
     torchrun --standalone --nproc_per_node 8 -m loram_core.align_worker \\
-        --config align-config.json --pruned PRUNED_DIR --blocks blocks.safetensors --workdir WORK --out OUT
+        --config align-config.json --pruned PRUNED_DIR --blocks blocks.safetensors --workdir WORK --out OUT \\
+        --dtype bfloat16
 
 `config` is the `align` section (`AlignConfig`) as JSON. Rank 0 prints one JSON line per
-progress report (`{"progress": {...}}`) for the launching task, and saves the final model to OUT.
+progress report (`{"progress": {...}}`) for the launching task, and saves the final model to OUT
+in `--dtype` (the published dtype: `loram_core.dtypes`).
 Multi-node: replace `--standalone` by `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`.
 """
 
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loram_core.align_worker")
     for flag in ("--config", "--pruned", "--blocks", "--workdir", "--out"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args(argv)
     from loram_core.launch import die_with_parent
 
@@ -33,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from loram_core.align import train_causal_lm
     from loram_core.config import AlignConfig
     from loram_core.data import load_blocks
+    from loram_core.dtypes import save_pretrained_as
     from loram_core.models import load_model
     from loram_core.prune import load_masks
 
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if info.main:
         final = load_model(args.pruned)  # a plain (unwrapped) copy to save from
         final.load_state_dict(model_sd if model_sd is not None else model.state_dict())
-        final.save_pretrained(args.out)
+        save_pretrained_as(final, args.out, getattr(torch, args.dtype))
         (Path(args.out) / "train_result.json").write_text(json.dumps(result.to_dict()))
     if info.world > 1:
         torch.distributed.barrier()

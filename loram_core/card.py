@@ -49,6 +49,32 @@ def consumer_uri(bucket_uri: str) -> str:
     return uri
 
 
+CPU_NF4_RECIPE = """for m in model_4bit.modules():  # before its first forward
+    if hasattr(m, "support_avx512bf16_for_cpu"):
+        m.support_avx512bf16_for_cpu = False"""
+
+
+def _cpu_nf4_note(remote_code: bool) -> str:
+    """How to train `model-nf4/` on a CPU with AVX512-BF16 (bitsandbytes 0.50's fast kernel has no backward)."""
+    if remote_code:
+        return (
+            " The shipped code also sends every forward with gradients enabled through bitsandbytes'"
+            " differentiable path: its fast CPU kernel, which bitsandbytes switches to after an inference"
+            " call, has no backward."
+        )
+    return f"""
+
+To train `model-nf4/` on a CPU with AVX512-BF16: bitsandbytes (0.50) repacks 4-bit weights at the first
+inference call for a fast kernel that has no backward, after which no gradient passes through those
+layers (a LoRA before them learns nothing, silently). Keep its generic path, which trains:
+
+```python
+{CPU_NF4_RECIPE}
+```
+
+GPUs are unaffected; the result is the same, only slower."""
+
+
 def _load_section(remote_code: bool, nf4: bool, dest: str) -> str:
     flag = ", trust_remote_code=True" if remote_code else ""
     code = f"""```python
@@ -57,8 +83,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("{dest}/model"{flag})
 model = AutoModelForCausalLM.from_pretrained("{dest}/model"{flag}, dtype="bfloat16")
 {"model_4bit = AutoModelForCausalLM.from_pretrained(" + repr(dest + "/model-nf4") + flag + ")  # QLoRAM: needs bitsandbytes" + chr(10) if nf4 else ""}```"""
+    cpu_note = _cpu_nf4_note(remote_code) if nf4 else ""
     if not remote_code:
-        return f"{code}\n\nThe layers keep the original's shapes, so the stock architecture loads it as is."
+        return f"{code}\n\nThe layers keep the original's shapes, so the stock architecture loads it as is.{cpu_note}"
     return f"""{code}
 
 Pruned layers are narrower than the others, which no stock architecture expresses. `model/` and
@@ -69,7 +96,7 @@ must be executed to correctly load the model ... Please pass the argument `trust
 (in an interactive terminal it asks instead): pass the flag. Load through `AutoModelForCausalLM`; the
 family class itself (e.g. `LlamaForCausalLM`) would build the original's widths. On CPUs with
 AVX512-BF16, the NF4 linears whose widths bitsandbytes' fast kernel cannot repack (output not a
-multiple of 32, or input not a multiple of 64) run its generic path: same result, slower."""
+multiple of 32, or input not a multiple of 64) run its generic path: same result, slower.{cpu_note}"""
 
 
 def model_card(m: Manifest, bucket_uri: str, remote_code: bool | None = None) -> str:

@@ -463,7 +463,7 @@ def preflight(cfg: PipelineConfig) -> None:
         check_writable(cfg.base.cache_dir, "base.cache_dir")
     cfg.prune.layer_range(num_layers)
     compute_device(cfg)  # `device=cuda` on a machine without one is refused here, not at the first step
-    if cfg.corpus.paths != "demo":
+    if cfg.corpus.paths != "demo" and cfg.reads_corpus():  # a corpus no step reads is not checked
         fraction, unit = heldout_rule(cfg)
         corpus = cfg.corpus.model_copy(update={"heldout_fraction": fraction})
         check_corpus(corpus, cfg.base.cache_dir, tokenizer, heldout_unit=unit)

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loram_core.device import DEVICE_PATTERN
 from loram_core.errors import ConfigError
+from loram_core.manifest import NAME_MAX, NAME_PATTERN
 
 Strategy = Literal["random", "structured", "semi", "unstructured"]
 Until = Literal["prune", "align", "quantize"]
@@ -301,9 +302,9 @@ class PublishConfig(_Section):
     """Where and under which name the result is published."""
 
     uri: str = Field("file://./bucket", description="fsspec URI of the bucket root (file://, s3://).")
-    name: str = Field("demo-llama", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field("demo-llama", pattern=NAME_PATTERN, max_length=NAME_MAX)
     version: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Default: UTC timestamp of the run."
+        None, pattern=NAME_PATTERN, max_length=NAME_MAX, description="Default: UTC timestamp of the run."
     )
     check_create_only: bool = Field(
         True,
@@ -314,6 +315,12 @@ class PublishConfig(_Section):
         True,
         description="false: the version (same layout, manifest included) is written under "
         "`<workdir>/local-bucket` instead of `uri`.",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype of the published `model/` (the pruned and the aligned checkpoint are written "
+        "in it, so their perplexities are those of the files): `auto` is the base's dtype when it is "
+        "bfloat16 or float16, else bfloat16. Alignment trains float32 master weights either way.",
     )
 
 
@@ -376,6 +383,13 @@ class RunContext(_Section):
 
     workdir: str = Field(description="Step outputs, keyed by the hash of their inputs.")
     device: str = Field(pattern=DEVICE_PATTERN, description="`auto`, `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="`publish.dtype`: what prune and align write their checkpoints in."
+    )
+    gpus: list[int] | None = Field(
+        None,
+        description="GPU indices of the host this step holds (set by the GPU lease; torchrun's devices).",
+    )
 
 
 class PipelineConfig(_Section):
@@ -440,8 +454,14 @@ class PipelineConfig(_Section):
 
     @property
     def context(self) -> RunContext:
-        """The run's work dir and device: what prune, align and quantize get beside their own section."""
-        return RunContext(workdir=self.workdir, device=self.device)
+        """The run's work dir, device and checkpoint dtype: what prune, align and quantize get beside their own section."""
+        return RunContext(workdir=self.workdir, device=self.device, dtype=self.publish.dtype)
+
+    def reads_corpus(self) -> bool:
+        """Whether any step of this run reads the packed corpus: alignment trains on it, and calibration
+        and evaluation read it unless they have files of their own (`source`). When none does, the run
+        does not tokenize it at all."""
+        return self.runs("align") or self.calibration.source == "corpus" or self.eval.source == "corpus"
 
     def runs(self, step: Literal["align", "quantize", "verify"]) -> bool:
         """Whether this run makes the model of `step` (`until` reaches it and its section is enabled).

@@ -104,10 +104,17 @@ def load_full_state(
     set_optimizer_state_dict(inner, optimizer, optim_sd, options=options)
 
 
+def reduction_device(backend: str) -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces GPU tensors only, Gloo CPU ones."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean_over_ranks(value: float) -> float:
     """The mean of `value` over all ranks (the value itself outside a process group)."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=reduction_device(dist.get_backend()))
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()

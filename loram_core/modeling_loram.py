@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -106,19 +107,50 @@ def keep_bnb_cpu_path_safe(model: nn.Module) -> int:
     return switched
 
 
-def _guard_before_forward(model: nn.Module, args: Any) -> None:
+def keep_nf4_trainable(model: nn.Module) -> int:
+    """Send every NF4 linear to bitsandbytes' differentiable path, for good; call it before training.
+
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a `Linear4bit`'s weight for a fast kernel
+    at its first forward in eval mode without gradients, and from then on always computes that
+    layer with the kernel (`gemv_4bit`), which has no backward: no gradient flows back through the
+    layer, so a LoRA before it (e.g. `gate_proj` before `down_proj`) silently never learns. This
+    unpacks weights already repacked (bitsandbytes' own inverse, as it does when saving) and turns
+    the repacking off, so every later forward takes the generic path, whose backward is exact.
+    Training continues from the repacked weights, whose absmax bitsandbytes rounded to bf16 (the
+    values its fast kernel computed with). Returns how many linears were switched or unpacked.
+    """
+    switched = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        packed = bool(getattr(state, "packing_format_for_cpu", False))
+        if packed:
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        if packed or getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
+def guard_nf4_cpu_paths(model: nn.Module, args: Any = None) -> None:
+    """A forward pre-hook: odd widths off the fast CPU kernel; a forward that may backpropagate
+    (gradients enabled) on the differentiable path (`keep_nf4_trainable`)."""
     keep_bnb_cpu_path_safe(model)
+    if torch.is_grad_enabled():
+        keep_nf4_trainable(model)
 
 
 class _LoramMixin:
-    """Resizes layers after the stock constructor; guards the NF4 CPU kernel before each forward."""
+    """Resizes layers after the stock constructor; guards the NF4 CPU paths before each forward."""
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         resize_layers(self)
         # Quantized linears replace ours after __init__, so the guard runs at each call (a cheap
         # scan); a hook, not a `forward` override, keeps forward's signature (Trainer reads it).
-        self.register_forward_pre_hook(_guard_before_forward)
+        self.register_forward_pre_hook(guard_nf4_cpu_paths)
 
 
 class LoramLlamaConfig(LlamaConfig):

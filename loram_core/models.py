@@ -185,17 +185,21 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: A
 
 
 def _avoid_bnb_cpu_packing(model: nn.Module) -> None:
-    """Keep bitsandbytes' generic 4-bit path on CPUs with AVX512-BF16 for widths it cannot repack.
+    """Keep bitsandbytes' generic 4-bit path on CPUs with AVX512-BF16 where its fast one fails.
 
-    bitsandbytes 0.50 repacks NF4 weights for a fast CPU kernel at the first inference call and
+    bitsandbytes 0.50 repacks NF4 weights for a fast CPU kernel at the first inference call. It
     fails unless the output width is a multiple of 32 and the input width a multiple of the
-    quantization block (64); pruned widths often are not (e.g. 2 KV heads of 24 dims). The generic
-    path gives the same result, only slower. GPUs are unaffected. The rule lives in the modeling
-    code published versions ship, so stock loads of those apply the same one.
+    quantization block (64); pruned widths often are not (e.g. 2 KV heads of 24 dims). And the
+    kernel has no backward, so a model that trains after an inference call would pass no gradient
+    through its 4-bit layers. A forward pre-hook (`modeling_loram.guard_nf4_cpu_paths`, the one the
+    published modeling code registers) keeps odd widths, and any forward with gradients enabled, on
+    the generic path: same result, slower. GPUs are unaffected.
     """
-    from loram_core.modeling_loram import keep_bnb_cpu_path_safe
+    from loram_core.modeling_loram import guard_nf4_cpu_paths, keep_bnb_cpu_path_safe
 
     keep_bnb_cpu_path_safe(model)
+    if any(hasattr(m, "support_avx512bf16_for_cpu") for m in model.modules()):
+        model.register_forward_pre_hook(guard_nf4_cpu_paths)
 
 
 def build_model(config: PretrainedConfig, device: str | torch.device = "cpu") -> PreTrainedModel:

@@ -12,8 +12,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.logging import get_run_logger
 
-from loram_core.plots import loss_curve_png, png_data_uri
-
 # The loss curve is redrawn at least this often (and every 10% of the run, and at the end).
 CURVE_EVERY_S = 30.0
 
@@ -34,6 +32,8 @@ def throughput(event: dict) -> str:
 def loss_markdown(title: str, losses: list[tuple[int, float]]) -> str:
     """A loss-curve image (inline PNG, which the Prefect UI renders) and the loss table."""
     table = "\n".join(f"| {s} | {loss:.4f} |" for s, loss in losses)
+    from loram_core.plots import loss_curve_png, png_data_uri  # matplotlib loads when a curve is drawn
+
     image = png_data_uri(loss_curve_png(losses, title=title))
     return f"## {title}\n\n![loss curve]({image})\n\n| step | loss |\n|---|---|\n{table}\n"
 

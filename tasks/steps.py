@@ -40,7 +40,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str | None) -> str:
     """The calibration blocks pruning measures with (`calibration` section; defaults follow `corpus`)."""
     return steps.prepare_calibration(cfg, base_dir, blocks_file)
 
@@ -50,8 +50,8 @@ def prune(prune: PruneConfig, ctx: RunContext, base_dir: str, calib_file: str) -
     """Prune the base model (layer-streamed through the run's device); returns the pruned checkpoint."""
     _log_device(ctx, "prune")
     progress = StepProgress("prune", f"Pruning ({prune.strategy})")
-    with gpu_slots(ctx):
-        return steps.prune(prune, ctx, base_dir, calib_file, progress)
+    with gpu_slots(ctx) as leased:
+        return steps.prune(prune, leased, base_dir, calib_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
@@ -59,15 +59,16 @@ def align(align: AlignConfig, ctx: RunContext, pruned_dir: str, blocks_file: str
     """Continual pre-training of the pruned model on the corpus; resumes after a crash."""
     _log_device(ctx, "align")
     progress = StepProgress("align", "Alignment (continual pre-training)", curve_key="alignment-loss")
-    with gpu_slots(ctx, align.nproc_per_node):
-        return steps.align(align, ctx, pruned_dir, blocks_file, progress)
+    with gpu_slots(ctx, align.nproc_per_node) as leased:
+        return steps.align(align, leased, pruned_dir, blocks_file, progress)
 
 
 @task(cache_policy=NO_CACHE)
 def quantize(quantize: QuantizeConfig, ctx: RunContext, aligned_dir: str) -> str | None:
     """The NF4 (bitsandbytes) variant of the aligned model, or None when disabled."""
     _log_device(ctx, "quantize")
-    return steps.quantize(quantize, ctx, aligned_dir)
+    with gpu_slots(ctx) as leased:
+        return steps.quantize(quantize, leased, aligned_dir)
 
 
 @task(cache_policy=NO_CACHE)
@@ -77,11 +78,12 @@ def evaluate(
     pruned_dir: str,
     aligned_dir: str,
     nf4_dir: str | None,
-    blocks_file: str,
+    blocks_file: str | None,
 ) -> dict:
     """Held-out perplexity of the original, pruned, aligned and 4-bit models, and parameter counts."""
     _log_device(cfg, "evaluate")
-    return steps.evaluate(cfg, base_dir, pruned_dir, aligned_dir, nf4_dir, blocks_file)
+    with gpu_slots(cfg) as leased:
+        return steps.evaluate(leased, base_dir, pruned_dir, aligned_dir, nf4_dir, blocks_file)
 
 
 # Retries only where I/O can fail transiently: the upload to the bucket.
@@ -89,7 +91,7 @@ def evaluate(
 def publish(
     cfg: PipelineConfig,
     base_dir: str,
-    blocks_file: str,
+    blocks_file: str | None,
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,

@@ -8,12 +8,14 @@ from prefect.cache_policies import NO_CACHE
 
 from loram_core import verify as v
 from loram_core.config import PipelineConfig
+from loram_provider.tasks._gpu import gpu_slots
 
 
 @task(cache_policy=NO_CACHE)
 def verify(cfg: PipelineConfig, base_dir: str, pruned_dir: str, aligned_dir: str, blocks_file: str) -> dict:
     """Train a LoRA on the published base, recover it, score it on the original; publish the table as an artifact."""
-    result = v.verify(cfg, base_dir, pruned_dir, aligned_dir, blocks_file)
+    with gpu_slots(cfg) as leased:
+        result = v.verify(leased, base_dir, pruned_dir, aligned_dir, blocks_file)
     create_table_artifact(
         key="lora-verification",
         table=ablation_table(result),

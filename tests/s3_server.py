@@ -1,9 +1,11 @@
 """A real S3 server over HTTP on loopback for the bucket tests: moto's server mode.
 
 `moto_server` starts one per session (port chosen by the OS); `s3` resets it, points the standard
-AWS environment at it for one test only (endpoint, fake keys, checksums only when required, as
-S3-compatible servers expect), creates a bucket and returns its URI. No client is mocked: the code
-under test talks HTTP to the server as it would to AWS or MinIO.
+AWS environment at it for one test only (endpoint, fake keys, response checksums validated only
+when required), creates a bucket and returns its URI. Request checksums are left at the SDK's
+default, so uploads carry the checksums `S3Store` sends (`aws_env`, for subprocesses, still asks for
+them only when required, as many S3-compatible servers expect). No client is mocked: the code under
+test talks HTTP to the server as it would to AWS or MinIO.
 """
 
 from __future__ import annotations
@@ -48,7 +50,12 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")).read()
     for key, value in aws_env(moto_server).items():
         monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    for key in (
+        "AWS_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REQUEST_CHECKSUM_CALCULATION",
+    ):
         monkeypatch.delenv(key, raising=False)
     import boto3
 

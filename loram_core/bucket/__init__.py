@@ -3,6 +3,8 @@
 publish(staging, manifest, uri) -> Publication    files, then manifest.json create-only, then LATEST
 pull(uri, dest, only=...) -> Manifest              ranged, ETag-pinned, sha256-verified, staged, cached
 resolve_version(uri), verify_version(uri)          a version (or a name's LATEST) checked in place
+
+What a bucket hands a consumer (manifest, LATEST, listings) is parsed by `untrusted` alone.
 """
 
 from loram_core.bucket.download import pull

@@ -1,6 +1,7 @@
 """Inputs from a bucket: a base checkpoint under `s3://...` fetched once into the work dir.
 
-Every object under the prefix is downloaded in ranges pinned to its ETag and hashed on the way;
+The listing passes `untrusted.parse_listing` (bounded, safe relative keys, one layout, not our own
+record's name); every object under the prefix is downloaded in ranges pinned to its ETag and hashed on the way;
 the folder is reused while the listing (keys, sizes, ETags) is unchanged. `SOURCE` beside the
 files records where they came from and each file's sha256: the provenance the manifest keeps.
 """
@@ -17,8 +18,8 @@ from pathlib import Path
 from fsspec.core import split_protocol
 
 from loram_core.bucket.store import PART_SIZE, Changed, Store, open_store
+from loram_core.bucket.untrusted import MAX_LISTING, parse_listing
 from loram_core.errors import LoramError
-from loram_core.manifest import safe_relative
 
 SOURCE = ".loram-source.json"
 REMOTE = ("s3", "s3a")
@@ -45,7 +46,9 @@ def fetch_tree(uri: str, workdir: str | Path, key: str = "base.source") -> Path:
     """
     uri = uri.rstrip("/")
     store = open_store(uri)
-    listing = {safe_relative(k): store.head(k) for k in store.list("")}
+    # The listing is the bucket's word: bounded, and every key a safe path of one folder (none ours).
+    keys = parse_listing(store.list("", limit=MAX_LISTING + 1), f"{key}={uri!r}", reserved=(SOURCE,))
+    listing = {k: store.head(k) for k in keys}
     if not listing:
         raise LoramError(f"{key}={uri!r}: no objects under it; give the s3:// prefix of a checkpoint folder.")
     stamp = {k: [i.size, i.etag] for k, i in listing.items() if i is not None}

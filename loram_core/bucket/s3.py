@@ -3,29 +3,63 @@
 The client is s3fs's (its session, its event loop thread); the calls are made directly so that
 S3's conditional headers (`If-None-Match`, `If-Match`) and error codes reach us unchanged.
 Threads call in with `fsspec.asyn.sync`, so a pool of threads shares one connection pool.
+
+Checksums the server checks on arrival, computed from the very bytes sent: a single PUT carries
+`x-amz-checksum-sha256` (for a file, the sha256 it was just checked against the manifest with, so it
+costs nothing more); a multipart upload is created with CRC32 and every part carries its
+`x-amz-checksum-crc32` (zlib's CRC32, about 0.3 CPU-seconds per GiB; a second sha256 of every part
+would cost twice that). AWS S3 and MinIO refuse a body that does not match (`BadDigest`, retried);
+a store that does not know the headers ignores them. `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`
+(the AWS SDKs' switch for stores that refuse them) sends none.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import hashlib
 import os
 import random
 import time
+import zlib
+from concurrent.futures import wait
 from pathlib import Path
 
 from fsspec.asyn import sync
 
-from loram_core.bucket.store import PART_SIZE, SINGLE_PUT_MAX, Changed, Exists, ObjectInfo, Progress, Store
+from loram_core.bucket.store import (
+    PART_SIZE,
+    READ_MAX,
+    SINGLE_PUT_MAX,
+    Aborted,
+    Budget,
+    Changed,
+    Exists,
+    ObjectInfo,
+    Progress,
+    StagedChanged,
+    Store,
+    TooLarge,
+)
 from loram_core.errors import LoramError
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
-                    "RequestTimeTooSkewed", "500", "502", "503", "504"}  # fmt: skip
+                    "RequestTimeTooSkewed", "BadDigest", "500", "502", "503", "504"}  # fmt: skip
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken",
                      "InvalidToken", "403", "InvalidClientTokenId", "UnrecognizedClientException"}  # fmt: skip
 CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 ATTEMPTS = 5
+UPLOADS_LISTED = 1000  # open multipart uploads looked at per sweep (the rest wait for the next run)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def sends_checksums() -> bool:
+    """Whether to send S3 checksums: unless `AWS_REQUEST_CHECKSUM_CALCULATION=when_required`."""
+    return os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").strip().lower() != "when_required"
 
 
 def _code(err: BaseException) -> str | None:
@@ -84,6 +118,7 @@ class S3Store(Store):
         self.attempts = 1 if quick else ATTEMPTS
         self.fs = _filesystem(budget, quick, _environment_key())
         self.client = self.fs.s3
+        self.checksums = sends_checksums()
 
     @property
     def endpoint(self) -> str:
@@ -100,6 +135,8 @@ class S3Store(Store):
         for attempt in range(self.attempts):
             try:
                 return sync(self.fs.loop, fn, Bucket=self.bucket, **kwargs)
+            except TooLarge:
+                raise
             except Exception as err:  # noqa: BLE001 - classified below
                 if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
                     raise LoramError(
@@ -110,6 +147,8 @@ class S3Store(Store):
                     raise (Exists(what) if "IfNoneMatch" in kwargs else Changed(what)) from None
                 if code in ("NoSuchKey", "404", "NotFound"):
                     raise FileNotFoundError(what) from None
+                if code == "NoSuchUpload":
+                    raise Aborted(what) from None
                 if code == "NoSuchBucket":
                     raise LoramError(
                         f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the URI."
@@ -138,14 +177,28 @@ class S3Store(Store):
             return None
         return ObjectInfo(size=r["ContentLength"], etag=r["ETag"], sha256=r.get("Metadata", {}).get("sha256"))
 
-    async def _get(self, **kwargs) -> tuple[bytes, str]:
+    async def _get(self, limit: int | None = None, **kwargs) -> tuple[bytes, str]:
         # The body is read inside the retried call: a connection cut mid-body is retried too.
         r = await self.client.get_object(**kwargs)
         async with r["Body"] as body:
-            return await body.read(), r["ETag"]
+            if limit is None:
+                return await body.read(), r["ETag"]
+            if r.get("ContentLength", 0) > limit:  # refused before a byte of the body is read
+                raise TooLarge(kwargs["Key"], r["ContentLength"])
+            chunks, got = [], 0
+            while got <= limit:  # a read returns what has arrived, not always all it was asked for
+                chunk = await body.read(limit + 1 - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        data = b"".join(chunks)
+        if len(data) > limit:
+            raise TooLarge(kwargs["Key"], None)
+        return data, r["ETag"]
 
-    def read(self, key: str) -> tuple[bytes, str]:
-        return self._call(self._get, key, Key=self._key(key))
+    def read(self, key: str, *, limit: int = READ_MAX) -> tuple[bytes, str]:
+        return self._call(functools.partial(self._get, limit), key, Key=self._key(key))
 
     def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:
         data, _ = self._call(
@@ -170,67 +223,106 @@ class S3Store(Store):
         )  # fmt: skip
 
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
-
-        kwargs = {
-            "Key": self._key(key),
-            "Body": data,
-            "Metadata": {"sha256": hashlib.sha256(data).hexdigest()},
-        }
+        digest = hashlib.sha256(data)
+        kwargs = {"Key": self._key(key), "Body": data, "Metadata": {"sha256": digest.hexdigest()}}
+        if self.checksums:
+            kwargs.update(ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(digest.digest()))
         if create:
             kwargs["IfNoneMatch"] = "*"
         elif if_match is not None:
             kwargs["IfMatch"] = if_match
         self._call("put_object", key, **kwargs)
 
-    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
-        size = local.stat().st_size
-        meta = {"sha256": sha256}
-
-        def read(start: int, n: int) -> bytes:
-            with open(local, "rb") as fh:
-                return os.pread(fh.fileno(), n, start)
-
-        if size <= SINGLE_PUT_MAX:
-
-            def put() -> None:
-                self._call(
-                    "put_object", key, Key=self._key(key), Body=read(0, size), Metadata=meta, IfNoneMatch="*"
-                )
+    def put_file(
+        self, local: Path, key: str, size: int, sha256: str, budget: Budget, progress: Progress
+    ) -> None:
+        with open(local, "rb") as fh:
+            if size <= SINGLE_PUT_MAX:
+                with budget.slot():
+                    data = fh.read(size + 1)
+                    digest = hashlib.sha256(data)
+                    if len(data) != size or digest.hexdigest() != sha256:
+                        raise StagedChanged(local, digest.hexdigest())  # nothing was sent
+                    kwargs = {"Key": self._key(key), "Body": data, "Metadata": {"sha256": sha256}}
+                    if self.checksums:
+                        kwargs.update(ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(digest.digest()))
+                    self._call("put_object", key, IfNoneMatch="*", **kwargs)
                 progress(size)
+                return
+            self._put_parts(fh, local, key, size, sha256, budget, progress)
 
-            submit(put).result()
-            return
-        upload = self._call("create_multipart_upload", key, Key=self._key(key), Metadata=meta)["UploadId"]
+    def _put_parts(
+        self, fh, local: Path, key: str, size: int, sha256: str, budget: Budget, progress: Progress
+    ) -> None:
+        """A multipart upload read in order by this thread (so the whole file is hashed as it is sent),
+        its parts sent concurrently; completed only if the bytes hash to `sha256`, else aborted."""
+        crc = {"ChecksumAlgorithm": "CRC32"} if self.checksums else {}
+        upload = self._call("create_multipart_upload", key, Key=self._key(key), Metadata={"sha256": sha256},
+                            **crc)["UploadId"]  # fmt: skip
+        futures = []
         try:
-
-            def part(number: int, start: int) -> dict:
-                n = min(PART_SIZE, size - start)
-                r = self._call("upload_part", f"{key} (part {number})", Key=self._key(key), UploadId=upload,
-                               PartNumber=number, Body=read(start, n))  # fmt: skip
-                progress(n)
-                return {"PartNumber": number, "ETag": r["ETag"]}
-
-            futures = [submit(part, i + 1, start) for i, start in enumerate(range(0, size, PART_SIZE))]
+            h = hashlib.sha256()
+            for number, start in enumerate(range(0, size, PART_SIZE), start=1):
+                budget.take()  # before the part is read: memory stays at the budget's parts
+                try:
+                    data = fh.read(min(PART_SIZE, size - start))
+                    if len(data) != min(PART_SIZE, size - start):
+                        raise StagedChanged(local, None)  # shorter than hashed
+                    h.update(data)
+                except BaseException:
+                    budget.give()
+                    raise
+                futures.append(budget.run(self._part, key, upload, number, data, progress))
             parts = [f.result() for f in futures]
+            if fh.read(1) or h.hexdigest() != sha256:
+                raise StagedChanged(local, h.hexdigest())
             self._call("complete_multipart_upload", key, Key=self._key(key), UploadId=upload,
                        MultipartUpload={"Parts": parts}, IfNoneMatch="*")  # fmt: skip
         except BaseException:
+            wait(futures)  # no part may arrive after the abort
             with contextlib.suppress(Exception):  # the original error matters more
                 self._call("abort_multipart_upload", key, Key=self._key(key), UploadId=upload)
             raise
 
+    def _part(self, key: str, upload: str, number: int, data: bytes, progress: Progress) -> dict:
+        kwargs = {"Key": self._key(key), "UploadId": upload, "PartNumber": number, "Body": data}
+        if self.checksums:
+            kwargs.update(ChecksumAlgorithm="CRC32", ChecksumCRC32=_b64(zlib.crc32(data).to_bytes(4, "big")))
+        r = self._call("upload_part", f"{key} (part {number})", **kwargs)
+        progress(len(data))
+        return {
+            "PartNumber": number,
+            "ETag": r["ETag"],
+            **({"ChecksumCRC32": kwargs["ChecksumCRC32"]} if self.checksums else {}),
+        }
+
     def delete(self, key: str) -> None:
         self._call("delete_object", key, Key=self._key(key))
 
-    def list(self, prefix: str) -> list[str]:
-        keys, token = [], None
+    def list_modified(self, prefix: str, limit: int) -> list[tuple[str, float]]:
+        found, token = [], None
         base = self._key(prefix).rstrip("/") + "/" if self._key(prefix) else ""
-        while True:
-            kwargs = {"Prefix": base, **({"ContinuationToken": token} if token else {})}
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        while len(found) < limit:
+            kwargs = {"Prefix": base, "MaxKeys": min(1000, limit - len(found)),
+                      **({"ContinuationToken": token} if token else {})}  # fmt: skip
             r = self._call("list_objects_v2", prefix, **kwargs)
-            keys += [o["Key"] for o in r.get("Contents", [])]
+            found += [(o["Key"][strip:], o["LastModified"].timestamp()) for o in r.get("Contents", [])]
             if not r.get("IsTruncated"):
                 break
             token = r["NextContinuationToken"]
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(k[strip:] for k in keys)
+        return found[:limit]
+
+    def abort_uploads(self, prefix: str, older_than_s: float) -> int:
+        r = self._call("list_multipart_uploads", prefix, Prefix=self._key(prefix).rstrip("/") + "/",
+                       MaxUploads=UPLOADS_LISTED)  # fmt: skip
+        now, aborted = time.time(), 0
+        for upload in r.get("Uploads", []):
+            if now - upload["Initiated"].timestamp() < older_than_s:
+                continue
+            with contextlib.suppress(FileNotFoundError, Aborted):  # gone meanwhile
+                self._call(
+                    "abort_multipart_upload", upload["Key"], Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted += 1
+        return aborted

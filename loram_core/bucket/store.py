@@ -17,13 +17,16 @@ Credentials, endpoint and region come from the standard AWS environment (`AWS_EN
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,10 @@ from loram_core.errors import LoramError
 PART_SIZE = 16 * 2**20
 # Objects up to this size go in one PUT.
 SINGLE_PUT_MAX = PART_SIZE
+# Objects read whole (manifest, LATEST, .claim) are refused beyond this unless the caller says less.
+READ_MAX = 16 * 2**20
+# Where a folder bucket keeps the files being written (the local kind of an open multipart upload).
+LOCAL_TMP = ".loram-tmp"
 
 Progress = Callable[[int], None]  # called with a number of bytes just transferred
 
@@ -68,6 +75,62 @@ class Changed(Exception):
 
 class Transient(Exception):
     """A failure worth retrying (connection reset, timeout, 5xx, throttling)."""
+
+
+class Aborted(Exception):
+    """A multipart upload was aborted under us (another publish of this version swept it)."""
+
+
+class TooLarge(Exception):
+    """An object read whole holds more bytes than the reader allows (`size`: its size, if told)."""
+
+    def __init__(self, key: str, size: int | None) -> None:
+        super().__init__(key)
+        self.size = size
+
+
+class StagedChanged(Exception):
+    """A local file's bytes, read for upload, are not the ones hashed for the manifest (`sha256`: theirs)."""
+
+    def __init__(self, path: Path, sha256: str | None) -> None:
+        super().__init__(str(path))
+        self.sha256 = sha256
+
+
+class Budget:
+    """Parts in flight over all files: a slot is taken before a part's bytes are read (or fetched)
+    and given back once they are sent (or written), so memory and connections stay at `slots`."""
+
+    def __init__(self, slots: int, pool: ThreadPoolExecutor) -> None:
+        self._sem = threading.Semaphore(slots)
+        self._pool = pool
+
+    def take(self) -> None:
+        """Wait for a free slot (this thread holds it until `give` or the end of a `run`)."""
+        self._sem.acquire()
+
+    def give(self) -> None:
+        """Give back a slot taken with `take` that no `run` will give back."""
+        self._sem.release()
+
+    def run(self, fn: Callable, *args) -> Future:
+        """Run `fn(*args)` in the pool on the slot this thread took; the slot is given back when it ends."""
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._sem.release()
+            raise
+        future.add_done_callback(lambda _: self._sem.release())
+        return future
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold a slot for the body (work done in the calling thread)."""
+        self.take()
+        try:
+            yield
+        finally:
+            self.give()
 
 
 @dataclass(frozen=True)
@@ -137,8 +200,8 @@ class Store:
         """Size, ETag and recorded sha256 of an object; None if there is none."""
         raise NotImplementedError
 
-    def read(self, key: str) -> tuple[bytes, str]:  # pragma: no cover - interface
-        """The whole object and its ETag."""
+    def read(self, key: str, *, limit: int = READ_MAX) -> tuple[bytes, str]:  # pragma: no cover - interface
+        """The whole object and its ETag; `TooLarge` (before it is read) if it holds more than `limit` bytes."""
         raise NotImplementedError
 
     def read_range(self, key: str, start: int, end: int, etag: str) -> bytes:  # pragma: no cover
@@ -157,25 +220,52 @@ class Store:
         `if_match` (`Changed` if it moved), or unconditionally."""
         raise NotImplementedError  # pragma: no cover - interface
 
-    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
-        """Create-only upload of a local file (`submit(fn)` runs a part under the shared budget)."""
-        raise NotImplementedError  # pragma: no cover - interface
+    def put_file(
+        self, local: Path, key: str, size: int, sha256: str, budget: Budget, progress: Progress
+    ) -> None:  # pragma: no cover - interface
+        """Create-only upload of a local file whose bytes must be `size` long and hash to `sha256`.
+
+        The bytes are hashed as they are read for sending; if they are not the ones expected
+        (`StagedChanged`), nothing of them stays in the store. Parts run under `budget`.
+        """
+        raise NotImplementedError
 
     def content_sha256(self, key: str) -> str:
-        """sha256 of an object's bytes, read whole (where the store kept no checksum)."""
-        return hashlib.sha256(self.read(key)[0]).hexdigest()
+        """sha256 of an object's bytes, streamed in ranges pinned to its ETag (where no checksum was kept)."""
+        info = self.head(key)
+        if info is None:
+            raise FileNotFoundError(key)
+        h = hashlib.sha256()
+        for start in range(0, info.size, PART_SIZE):
+            h.update(self.read_range(key, start, min(start + PART_SIZE, info.size), info.etag))
+        return h.hexdigest()
 
     def delete(self, key: str) -> None:  # pragma: no cover - interface
         """Remove an object (no error if it is gone)."""
         raise NotImplementedError
 
-    def list(self, prefix: str) -> list[str]:  # pragma: no cover - interface
-        """Keys under `prefix/` (relative to the root)."""
+    def list_modified(self, prefix: str, limit: int) -> list[tuple[str, float]]:  # pragma: no cover
+        """(key, last-modified Unix time) of the objects under `prefix/` (relative to the root), at most
+        `limit` of them (a listing is cut there, not paged to its end)."""
+        raise NotImplementedError
+
+    def list(self, prefix: str, limit: int = 100_000) -> list[str]:
+        """Keys under `prefix/` (relative to the root), sorted, at most `limit`."""
+        return sorted(k for k, _ in self.list_modified(prefix, limit))
+
+    def abort_uploads(self, prefix: str, older_than_s: float) -> int:  # pragma: no cover - interface
+        """Abort the unfinished uploads under `prefix/` begun more than `older_than_s` seconds ago (S3:
+        open multipart uploads; a folder: its temporary files); returns how many."""
         raise NotImplementedError
 
 
 class LocalStore(Store):
-    """A folder as a bucket: create-only by hard link, compare-and-swap under a lock file."""
+    """A folder as a bucket: create-only by hard link, compare-and-swap under a lock file.
+
+    Files being written wait under `<root>/.loram-tmp/<name>/<version>/<digest>.<random>.tmp` (never
+    beside a version's files), so a killed writer leaves nothing inside a version and `abort_uploads`
+    finds its leftovers by the version or name they belong to.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = Path(root)
@@ -192,11 +282,17 @@ class LocalStore(Store):
         # A local file has no stored checksum; its sha256 is cheap to compute when asked.
         return ObjectInfo(size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}", sha256=None)
 
-    def read(self, key: str) -> tuple[bytes, str]:
+    def read(self, key: str, *, limit: int = READ_MAX) -> tuple[bytes, str]:
         info = self.head(key)
         if info is None:
             raise FileNotFoundError(key)
-        return self._path(key).read_bytes(), info.etag
+        if info.size > limit:
+            raise TooLarge(key, info.size)
+        with open(self._path(key), "rb") as fh:
+            data = fh.read(limit + 1)  # the file may have grown since
+        if len(data) > limit:
+            raise TooLarge(key, None)
+        return data, info.etag
 
     def content_sha256(self, key: str) -> str:
         return file_sha256(self._path(key))
@@ -216,19 +312,25 @@ class LocalStore(Store):
             os.link(tmp, target)  # atomic and create-only: fails if the name exists
         except FileExistsError:
             raise Exists(key) from None
+        except FileNotFoundError:
+            if not tmp.exists():  # swept by another publish of this version (abort_uploads)
+                raise Aborted(key) from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
     def _tmp(self, key: str) -> Path:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        # Under the key's first two folders (a version's files share one), by a digest of the key.
+        folder = self.root / LOCAL_TMP / "/".join(key.split("/")[:-1][:2])
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.{uuid.uuid4().hex}.tmp"
 
     def put_bytes(self, key: str, data: bytes, *, create: bool = False, if_match: str | None = None) -> None:
         tmp = self._tmp(key)
         tmp.write_bytes(data)
         if create:
             return self._link_new(tmp, key)
+        self._path(key).parent.mkdir(parents=True, exist_ok=True)
         lock = self._path(key).with_name(f".{self._path(key).name}.lock")
         with open(lock, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
@@ -238,10 +340,23 @@ class LocalStore(Store):
                 raise Changed(key)
             os.replace(tmp, self._path(key))
 
-    def put_file(self, local: Path, key: str, sha256: str, submit, progress: Progress) -> None:
+    def put_file(
+        self, local: Path, key: str, size: int, sha256: str, budget: Budget, progress: Progress
+    ) -> None:
         tmp = self._tmp(key)
-        submit(lambda: shutil.copyfile(local, tmp)).result()
-        progress(local.stat().st_size)
+        h, copied = hashlib.sha256(), 0
+        try:
+            with budget.slot(), open(local, "rb") as src, open(tmp, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+                    copied += len(chunk)
+            if copied != size or h.hexdigest() != sha256:
+                raise StagedChanged(local, h.hexdigest())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        progress(size)
         self._link_new(tmp, key)
 
     def delete(self, key: str) -> None:
@@ -251,15 +366,29 @@ class LocalStore(Store):
         else:
             p.unlink(missing_ok=True)
 
-    def list(self, prefix: str) -> list[str]:
+    def list_modified(self, prefix: str, limit: int) -> list[tuple[str, float]]:
         base = self._path(prefix)
         if not base.is_dir():
             return []
-        return sorted(
-            f.relative_to(self.root).as_posix()
-            for f in base.rglob("*")
-            if f.is_file() and not f.name.startswith(".")
-        )
+        found = []
+        for f in base.rglob("*"):
+            if f.is_file() and not f.name.startswith("."):
+                found.append((f.relative_to(self.root).as_posix(), f.stat().st_mtime))
+                if len(found) >= limit:
+                    break
+        return found
+
+    def abort_uploads(self, prefix: str, older_than_s: float) -> int:
+        base = self.root / LOCAL_TMP / prefix
+        if not base.is_dir():
+            return 0
+        now, aborted = time.time(), 0
+        for tmp in base.rglob("*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.is_file() and now - tmp.stat().st_mtime >= older_than_s:
+                    tmp.unlink()
+                    aborted += 1
+        return aborted
 
 
 from loram_core.bucket.s3 import S3Store  # noqa: E402  (the S3 store builds on the definitions above)

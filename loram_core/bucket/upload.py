@@ -4,15 +4,21 @@ A version exists iff its manifest exists. Every object is written create-only, s
 publisher wrote is ever replaced: a re-run after an interruption finds the files it already
 uploaded (same size and sha256) and uploads only the rest; a racing publisher of other content
 is refused at the first file or at the manifest, whichever it reaches first; the same content
-published again is a no-op ("unchanged"). Nothing is deleted on failure either: objects under a
-version without a manifest are not a version, and deleting them could pull files from under a
-racing publisher of the same content.
+published again is a no-op ("unchanged"). The bytes uploaded are the bytes hashed: each file is
+hashed again as it is read for sending, and one that no longer matches its manifest entry is not
+kept (its upload aborted) and the version is not published. Finished files are never deleted
+(objects under a version without a manifest are not a version, and deleting them could pull files
+from under a racing publisher of the same content); what a killed run leaves unfinished is swept by
+the next: open uploads under the version it claims (and those a day old under the same name), and
+create-only probe keys an hour old.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +26,37 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from loram_core.bucket.store import ByteCounter, Changed, Exists, Store, join, open_store
+from pydantic import ValidationError
+
+from loram_core.bucket.store import (
+    Aborted,
+    Budget,
+    ByteCounter,
+    Changed,
+    Exists,
+    StagedChanged,
+    Store,
+    TooLarge,
+    join,
+    open_store,
+)
+from loram_core.bucket.untrusted import (
+    MAX_LATEST_BYTES,
+    MAX_MANIFEST_BYTES,
+    parse_latest,
+    parse_manifest,
+    read_bounded,
+)
 from loram_core.errors import LoramError
-from loram_core.manifest import FileEntry, Manifest, safe_relative
+from loram_core.manifest import FileEntry, Manifest, check_name, validation_message
 
 PARTS_IN_FLIGHT = 16  # the shared budget: parts (or small files) being sent at once, over all files
 FILES_IN_FLIGHT = 8
 PROBE_PREFIX = ".loram-probe"
 CLAIM = ".claim"  # beside manifest.json: which content this version is being published with
 OPT_OUT = "publish.check_create_only=false"
+PROBE_STALE_S = 3600.0  # a probe takes two requests: a probe key an hour old belongs to a killed run
+UPLOAD_STALE_S = 86400.0  # an upload under another version of the name begun a day ago is abandoned
 
 Progress = Callable[[dict], None]
 
@@ -67,20 +95,27 @@ def publish(
     Raises:
         LoramError: the version exists (or is being written) with different content, the store
             does not honour create-only writes, or an upload fails for good (naming the file).
+        LoramError: also a name or version that breaks the publish rule, a manifest the strict
+            model refuses (unsafe or reserved paths, such as a stray top-level manifest.json among
+            the staged files), or a staged file whose bytes changed after they were hashed (that
+            file is not kept, and the version is not published); all before LATEST moves.
         FileNotFoundError: a file the manifest lists is missing from `staging` (nothing is sent).
     """
+    manifest = _checked(manifest)
     for entry in manifest.files:  # a staging error is found before anything is sent
-        if (staging / safe_relative(entry.path)).stat().st_size != entry.size:
+        if (staging / entry.path).stat().st_size != entry.size:
             raise LoramError(f"staged {entry.path} is not the size the manifest records; stage it again.")
     store = open_store(uri, budget=PARTS_IN_FLIGHT)
     version_key = join(manifest.name, manifest.version)
     version_uri = join(uri, version_key)
     if existing := _same_as_published(store, manifest, version_uri):
+        _sweep_uploads(store, manifest)
         move_latest(store, existing)  # by the existing version's publication time, not this run's
         return Publication(version_uri, "unchanged", 0, 0, len(manifest.files))
     if check_create_only:
         probe_create_only(store)
     _claim(store, manifest, version_key, version_uri)
+    _sweep_uploads(store, manifest)  # the version is ours now: what a killed run left open goes
     sent, skipped = _upload_files(store, staging, manifest, version_key, version_uri, progress)
     try:
         store.put_bytes(
@@ -98,6 +133,32 @@ def publish(
 def publish_version(staging: Path, manifest: Manifest, uri: str, **kwargs) -> str:
     """`publish`, returning only the version's URI (the older interface)."""
     return publish(staging, manifest, uri, **kwargs).uri
+
+
+def _checked(manifest: Manifest) -> Manifest:
+    """The manifest, validated whole by the strict model the consumer parses it with (a manifest
+    built in code, or given files after it was made, has not been)."""
+    check_name(manifest.name, "publish: the name")
+    check_name(manifest.version, "publish: the version")
+    try:
+        return Manifest.model_validate(manifest.model_dump())
+    except ValidationError as err:
+        raise LoramError(
+            f"publish: the manifest of {manifest.name}/{manifest.version} is refused: {validation_message(err)}. "
+            "Remove the file from the staging folder (manifest.json and .claim at its top are written by "
+            "the publish itself) or rename it."
+        ) from None
+
+
+def _sweep_uploads(store: Store, manifest: Manifest) -> None:
+    """Abort what killed publishes left unfinished: every open upload under this version (it is ours:
+    claimed, or published with this content) and those begun a day ago under other versions of the name.
+
+    Best effort: a key without the right to list or abort uploads publishes all the same.
+    """
+    with contextlib.suppress(LoramError):
+        store.abort_uploads(join(manifest.name, manifest.version), older_than_s=0)
+        store.abort_uploads(manifest.name, older_than_s=UPLOAD_STALE_S)
 
 
 def _clash(version_uri: str) -> LoramError:
@@ -124,8 +185,11 @@ def _claim(store: Store, manifest: Manifest, version_key: str, version_uri: str)
         return
     except Exists:
         pass
-    data, _ = store.read(key)
-    if json.loads(data).get("content") == ours:
+    try:
+        theirs = json.loads(store.read(key, limit=MAX_LATEST_BYTES)[0]).get("content")
+    except (ValueError, AttributeError, TooLarge):  # not a claim we write: another publication's
+        theirs = None
+    if theirs == ours:
         return
     if _same_as_published(store, manifest, version_uri):  # raises if published with other content
         return
@@ -140,11 +204,14 @@ def _claim(store: Store, manifest: Manifest, version_key: str, version_uri: str)
 def _same_as_published(store: Store, manifest: Manifest, version_uri: str) -> Manifest | None:
     """The published manifest if the version exists with this content (else None); raises if it
     exists with other content."""
+    where = f"{version_uri}/manifest.json"
     try:
-        data, _ = store.read(join(manifest.name, manifest.version, "manifest.json"))
+        data = read_bounded(
+            store, join(manifest.name, manifest.version, "manifest.json"), MAX_MANIFEST_BYTES, where
+        )
     except FileNotFoundError:
         return None
-    existing = Manifest.model_validate_json(data)
+    existing = parse_manifest(data, where, expect=(manifest.name, manifest.version))
     if existing.content_key() != manifest.content_key():
         raise _clash(version_uri)
     return existing
@@ -170,22 +237,41 @@ def _upload_files(
         ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="loram-part") as parts,
         ThreadPoolExecutor(FILES_IN_FLIGHT, thread_name_prefix="loram-file") as files,
     ):
+        budget = Budget(PARTS_IN_FLIGHT, parts)
 
-        def one(entry: FileEntry) -> None:
+        def one(entry: FileEntry, attempts: int = 2) -> None:
             key = join(version_key, entry.path)
             try:
-                store.put_file(
-                    staging / entry.path, key, entry.sha256, parts.submit, lambda n: advance(n, entry.path)
-                )
+                store.put_file(staging / entry.path, key, entry.size, entry.sha256, budget,
+                               lambda n: advance(n, entry.path))  # fmt: skip
             except Exists:  # someone wrote it meanwhile: fine if it is the same content
                 if not _already_there(store, key, entry, version_uri):
                     raise _clash(version_uri) from None
+            except Aborted:  # another publish of this content swept our upload: it may have sent it
+                if not _already_there(store, key, entry, version_uri):
+                    if attempts == 1:
+                        raise LoramError(
+                            f"uploading {entry.path}: its upload was aborted twice; run again."
+                        ) from None
+                    one(entry, attempts - 1)
+            except StagedChanged as err:
+                raise _changed(entry, err.sha256, version_uri) from None
             except LoramError as err:
                 raise LoramError(f"uploading {entry.path}: {err}") from None
 
         for future in [files.submit(one, e) for e in todo]:
             future.result()
     return (len(todo), total), len(manifest.files) - len(todo)
+
+
+def _changed(entry: FileEntry, sha256: str | None, version_uri: str) -> LoramError:
+    now = f"hash to {sha256[:12]}..." if sha256 else "are fewer"
+    return LoramError(
+        f"staged {entry.path} changed after it was hashed for the manifest (sha256 {entry.sha256[:12]}...; the "
+        f"bytes read for upload {now}): it was not kept in the bucket and {version_uri} was not published "
+        "(no manifest, LATEST unchanged). Stage the version again and publish it under a new "
+        f"publish.version (or delete the objects under {version_uri}/ first)."
+    )
 
 
 def _already_there(store: Store, key: str, entry: FileEntry, version_uri: str) -> bool:
@@ -211,6 +297,8 @@ def _already_there(store: Store, key: str, entry: FileEntry, version_uri: str) -
 def probe_create_only(store: Store) -> None:
     """Check that the store refuses a second create-only write of one key (and clean up the probe).
 
+    Probe keys an hour old, which only a run killed mid-probe leaves, are deleted as well.
+
     Raises:
         LoramError: the store accepted both writes, so it cannot guarantee that a version is
             claimed once; names the opt-out for stores known to be written by one publisher.
@@ -223,6 +311,7 @@ def probe_create_only(store: Store) -> None:
         return
     finally:
         store.delete(key)
+        _sweep_probes(store)
     raise LoramError(
         f"the store at {store.uri} accepted a second create-only write (If-None-Match: *) of one key, so it "
         "cannot guarantee that a version is claimed once and never overwritten. Use a store that honours "
@@ -231,12 +320,24 @@ def probe_create_only(store: Store) -> None:
     )
 
 
+def _sweep_probes(store: Store) -> None:
+    """Delete probe keys older than `PROBE_STALE_S` (a live probe's key is seconds old; a younger
+    leftover waits for a later run, since deleting a live one would fail that probe)."""
+    now = time.time()
+    with contextlib.suppress(LoramError):  # best effort, as `_sweep_uploads`
+        for key, modified in store.list_modified(PROBE_PREFIX, limit=1000):
+            if now - modified >= PROBE_STALE_S:
+                store.delete(key)
+
+
 def _published_at(store: Store, name: str, version: str) -> str | None:
+    """When the version was published (its manifest's `created_at`); None if it has no valid manifest."""
+    where = f"{store.uri}/{name}/{version}/manifest.json"
     try:
-        data, _ = store.read(join(name, version, "manifest.json"))
-    except FileNotFoundError:
+        data = read_bounded(store, join(name, version, "manifest.json"), MAX_MANIFEST_BYTES, where)
+        return parse_manifest(data, where, expect=(name, version)).created_at
+    except (FileNotFoundError, LoramError):
         return None
-    return Manifest.model_validate_json(data).created_at
 
 
 def _newer(a: str, b: str) -> bool:
@@ -253,14 +354,19 @@ def move_latest(store: Store, manifest: Manifest) -> None:
     key = join(manifest.name, "LATEST")
     for _ in range(20):
         try:
-            data, etag = store.read(key)
+            data, etag = store.read(key, limit=MAX_LATEST_BYTES)
         except FileNotFoundError:
             data, etag = None, None
+        except TooLarge:  # a LATEST too large to be ours: replaced (etag None would be create-only)
+            data, etag = b"", store.head(key).etag
         if data is not None:
-            current = data.decode().strip()
+            try:
+                current = parse_latest(data, f"{store.uri}/{key}")
+            except LoramError:
+                current = None  # names no version: any version is newer
             if current == manifest.version:
                 return
-            current_at = _published_at(store, manifest.name, current)
+            current_at = _published_at(store, manifest.name, current) if current else None
             if current_at is not None and not _newer(manifest.created_at, current_at):
                 return
         try:

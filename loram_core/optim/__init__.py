@@ -25,6 +25,7 @@ def build_optimizer(
     flora_kappa: int = 100,
     seed: int = 0,
     fused: bool = False,
+    masks: Mapping[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.optim.Optimizer:
     """Builds the optimizer named in the config.
 
@@ -38,6 +39,8 @@ def build_optimizer(
         flora_kappa: Steps between Flora's projection resamplings (ignored by AdamW).
         seed: Base seed of Flora's projections (ignored by AdamW).
         fused: AdamW's fused CUDA kernel (one launch for all parameters; ignored by Flora).
+        masks: Parameter -> bool keep-mask of sparse weights, for Flora's kept-only statistics
+            (ignored by AdamW: gradients zeroed at pruned positions keep its moments zero there).
 
     Returns:
         The optimizer.
@@ -56,6 +59,7 @@ def build_optimizer(
             rank=flora_rank,
             kappa=flora_kappa,
             seed=seed,
+            masks=masks,
         )
     raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
 

@@ -19,12 +19,19 @@ full rank. The update's RMS is then capped at 1, as in the paper and Adafactor.
 That is ``r * max(m, n) + m + n`` numbers per matrix instead of ``2 * m * n``. Vectors (norms,
 biases), tensors that are not matrices, and matrices with ``min(m, n) <= rank`` get plain Adam
 state, as they are small or would not be compressed.
+
+Sparse weights (``masks``): the projection would spread a pruned position's gradient over kept
+weights, and decompressing the momentum puts values at pruned positions. With a keep-mask, the
+gradient is zeroed at pruned positions before it is compressed, the decompressed momentum and the
+update are zeroed there, and the factored second moment and the RMS cap are taken over kept
+positions only (row and column means over their kept entries, normalised by the mean over all kept
+entries), so a pruned position counts nowhere and a dense mask gives the unmasked numbers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -85,6 +92,18 @@ def _up(compressed: Tensor, a: Tensor, cols: bool) -> Tensor:
     return compressed @ a if cols else a.T @ compressed
 
 
+class _Keep:
+    """A sparse weight's keep-mask and its counts, computed once (float32, clamped to 1: a row with
+    no kept entry gets no update anyway)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.pruned = ~mask
+        kept = mask.float()
+        self.per_row = kept.sum(dim=1).clamp_(min=1.0) if mask.dim() == 2 else None
+        self.per_col = kept.sum(dim=0).clamp_(min=1.0) if mask.dim() == 2 else None
+        self.count = kept.sum().clamp_(min=1.0)
+
+
 def _store(dst: Tensor, src: Tensor) -> None:
     """Writes an fp32 working copy back into state kept in the parameter's dtype."""
     if src is not dst:
@@ -108,6 +127,9 @@ class Flora(torch.optim.Optimizer):
         rank: ``r``, rank of the momentum projection.
         kappa: Steps between projection resamplings.
         seed: Base seed; matrix ``i`` (counting over all groups) starts from ``mix_seed(seed, i)``.
+        masks: Parameter -> bool keep-mask of its shape (sparse weights): statistics and updates over
+            kept positions only (see the module docstring). Not part of ``state_dict()``: pass the
+            same masks to the optimizer a run resumes with.
         clip_threshold: Caps the RMS of a compressed matrix's update (the paper normalizes by
             it); random projection inflates the update's magnitude by about ``sqrt(d / r)``, and
             this keeps the step size on AdamW's scale.
@@ -124,6 +146,7 @@ class Flora(torch.optim.Optimizer):
         kappa: int = 100,
         seed: int = 0,
         clip_threshold: float = 1.0,
+        masks: Mapping[Tensor, Tensor] | None = None,
     ) -> None:
         if lr < 0 or weight_decay < 0 or eps < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
@@ -142,6 +165,13 @@ class Flora(torch.optim.Optimizer):
             clip_threshold=clip_threshold,
         )
         super().__init__(params, defaults)
+        self._keep: dict[Tensor, _Keep] = {}
+        for p, mask in (masks or {}).items():
+            if tuple(mask.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"mask of shape {tuple(mask.shape)} for a parameter of shape {tuple(p.shape)}"
+                )
+            self._keep[p] = _Keep(mask.to(p.device, torch.bool))
 
     @staticmethod
     def compresses(shape: torch.Size | tuple[int, ...], rank: int) -> bool:
@@ -165,7 +195,9 @@ class Flora(torch.optim.Optimizer):
         cols = p.shape[1] <= p.shape[0]
         rank = state["exp_avg"].shape[1] if cols else state["exp_avg"].shape[0]
         a = projection(state["seed"], rank, min(p.shape), p.device)
-        return _up(state["exp_avg"].float(), a, cols)
+        full = _up(state["exp_avg"].float(), a, cols)
+        keep = self._keep.get(p)
+        return full if keep is None else full.masked_fill_(keep.pruned, 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -194,8 +226,11 @@ class Flora(torch.optim.Optimizer):
                     self._init_state(p, state, group, index)
                 state["step"] += 1
                 grad = p.grad.float()
+                keep = self._keep.get(p)
+                if keep is not None:  # a pruned position's gradient must not enter any statistic
+                    grad = grad.masked_fill(keep.pruned, 0)
                 if "seed" in state:
-                    direction = self._flora_direction(state, grad, group)
+                    direction = self._flora_direction(state, grad, group, keep)
                 else:
                     direction = self._adam_direction(state, grad, group)
                 p32 = p.float()
@@ -234,8 +269,14 @@ class Flora(torch.optim.Optimizer):
         return (exp_avg / (1.0 - beta1**t)).div_(denom)
 
     @staticmethod
-    def _flora_direction(state: dict[str, Any], grad: Tensor, group: dict[str, Any]) -> Tensor:
-        """Updates the compressed state of one ``(m, n)`` matrix; returns its ``(m, n)`` step."""
+    def _flora_direction(
+        state: dict[str, Any], grad: Tensor, group: dict[str, Any], keep: _Keep | None = None
+    ) -> Tensor:
+        """Updates the compressed state of one ``(m, n)`` matrix; returns its ``(m, n)`` step.
+
+        ``keep`` (sparse weights): ``grad`` is already zero at pruned positions; the step is zero
+        there and its statistics count kept positions only.
+        """
         beta1, beta2 = group["betas"]
         rank, t = group["rank"], state["step"]
         m, n = grad.shape
@@ -249,17 +290,29 @@ class Flora(torch.optim.Optimizer):
         exp_avg.mul_(beta1).add_(_down(grad, a, cols), alpha=1.0 - beta1)
 
         row, col = state["exp_avg_sq_row"].float(), state["exp_avg_sq_col"].float()
-        sq = grad.square().add_(_SQ_FLOOR)
-        row.mul_(beta2).add_(sq.mean(dim=1), alpha=1.0 - beta2)
-        col.mul_(beta2).add_(sq.mean(dim=0), alpha=1.0 - beta2)
+        if keep is None:
+            sq = grad.square().add_(_SQ_FLOOR)
+            row_mean, col_mean = sq.mean(dim=1), sq.mean(dim=0)
+        else:  # means over kept entries (zeros at pruned positions would halve a 2:4 row's)
+            full.masked_fill_(keep.pruned, 0)
+            sq = grad.square()
+            row_mean = sq.sum(dim=1).div_(keep.per_row).add_(_SQ_FLOOR)
+            col_mean = sq.sum(dim=0).div_(keep.per_col).add_(_SQ_FLOOR)
+        row.mul_(beta2).add_(row_mean, alpha=1.0 - beta2)
+        col.mul_(beta2).add_(col_mean, alpha=1.0 - beta2)
         _store(state["exp_avg_sq_row"], row)
         _store(state["exp_avg_sq_col"], col)
         # Rank-1 estimate v_ij = row_i * col_j / mean(row); both factors carry the (1 - beta2^t)
-        # bias and the ratio keeps one, removed here as Adam does.
-        v_hat = torch.outer(row, col).div_(row.mean() * (1.0 - beta2**t))
+        # bias and the ratio keeps one, removed here as Adam does. With a mask, mean(row) is the
+        # mean over kept entries (rows weighted by their kept counts).
+        row_norm = row.mean() if keep is None else (row * keep.per_row).sum() / keep.count
+        v_hat = torch.outer(row, col).div_(row_norm * (1.0 - beta2**t))
         direction = full.div_(1.0 - beta1**t)
         direction.div_(v_hat.sqrt_().add_(group["eps"]))
-        rms = direction.square().mean().sqrt()
+        if keep is None:
+            rms = direction.square().mean().sqrt()
+        else:
+            rms = direction.square().sum().div_(keep.count).sqrt()
         direction.div_((rms / group["clip_threshold"]).clamp_(min=1.0))
 
         if t % group["kappa"] == 0:

@@ -71,7 +71,9 @@ def read_base(base: str | Path) -> PrunedBase:
 def _read_uri(uri: str) -> PrunedBase:
     from loram_core.bucket import bucket_fs, resolve_version
 
-    version_uri, manifest = resolve_version(uri)
+    # A version may be given by a local copy under a name of its own (a pulled folder); only
+    # model/config.json and the masks are read from it, by fixed names.
+    version_uri, manifest = resolve_version(uri, check_uri=False)
     fs, root = bucket_fs(version_uri)
     with tempfile.TemporaryDirectory(prefix="loram-recover-") as tmp:
         for name in ("model/config.json", MASKS):

@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 from loram_core.align import clear_checkpoint, train_causal_lm
 from loram_core.config import AlignConfig, RunContext
 from loram_core.data import load_blocks
+from loram_core.dtypes import published_dtype, save_pretrained_as
 from loram_core.launch import DeadlineExceeded
-from loram_core.models import load_model
+from loram_core.models import load_config, load_model
 from loram_core.steps._common import Progress, commit, compute_device, step_dir, tmp_for
 from loram_core.steps.pruning import sparse_masks
 from loram_core.steps.torchrun import DEADLINE_FIX, align_torchrun, deadline_s
@@ -24,6 +25,9 @@ def align(
 ) -> str:
     """Continual pre-training of the pruned model; resumes from the last checkpoint after a crash.
 
+    Trains float32 master weights and saves the model in the published dtype (`ctx.dtype`; with
+    `auto` the pruned checkpoint's own 16-bit dtype, which the prune step took from the base).
+
     Args:
         align: the `align` section (`nproc_per_node` > 1 runs it under torchrun).
         ctx: the run's work dir and device.
@@ -32,11 +36,13 @@ def align(
         progress: called with `{"step", "total", "loss", ...}` as training goes.
     """
     device = compute_device(ctx)
+    dtype = published_dtype(load_config(pruned_dir), ctx.dtype)
     key = {
         "align": align.model_dump(exclude={"deadline_minutes"}),  # a deadline does not change the result
         "pruned": pruned_dir,
         "corpus": blocks_file,
         "device": device.type,
+        "dtype": str(dtype),
     }
     out = step_dir(ctx, "align", key)
     if (out / "config.json").is_file():
@@ -47,7 +53,7 @@ def align(
     work.mkdir(parents=True, exist_ok=True)
     tmp = tmp_for(out)
     if align.nproc_per_node > 1:
-        result = align_torchrun(align, pruned_dir, blocks_file, work, tmp, progress)
+        result = align_torchrun(align, pruned_dir, blocks_file, work, tmp, progress, ctx.gpus, dtype)
     else:
         model = load_model(pruned_dir).to(device)  # fp32 master weights; bf16 autocast on a GPU
         blocks = load_blocks(blocks_file)
@@ -55,7 +61,7 @@ def align(
             model, blocks.train, align, checkpoint_dir=work, masks=sparse_masks(pruned_dir),
             progress=_with_deadline(progress, deadline_s(align), work),
         ).to_dict()  # fmt: skip
-        model.to("cpu").save_pretrained(tmp)
+        save_pretrained_as(model, tmp, dtype)
     AutoTokenizer.from_pretrained(pruned_dir).save_pretrained(tmp)
     shutil.copytree(Path(pruned_dir) / "masks", tmp / "masks")
     (tmp / "train_log.json").write_text(json.dumps(result))

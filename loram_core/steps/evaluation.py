@@ -23,7 +23,7 @@ def evaluate(
     pruned_dir: str,
     aligned_dir: str,
     nf4_dir: str | None,
-    blocks_file: str,
+    blocks_file: str | None,
 ) -> dict:
     """Held-out perplexity of the models this run made, once each, and the published checkpoint's size.
 
@@ -71,7 +71,8 @@ def evaluate(
         )
     metrics["heldout_tokens"] = heldout.numel()  # the stream; evaluate.protocol counts the scored ones
     p = plan(load_config(base_dir), cfg.prune).to_dict()
-    params = size_summary(p, aligned_dir if aligned else pruned_dir, sparse=cfg.prune.strategy in SPARSE)
+    published = aligned_dir if aligned else pruned_dir  # the files publish copies into model/
+    params = size_summary(p, published, sparse=cfg.prune.strategy in SPARSE, nf4_dir=nf4_dir)
     compute = {**describe(device), "eval_dtype": str(dtype).removeprefix("torch."), "eval_seconds": seconds}
     result = {"metrics": metrics, "params": params, "compute": compute}
     tmp = tmp_for(out)

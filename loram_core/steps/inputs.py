@@ -95,15 +95,21 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     return str(commit(tmp, out) / "blocks.safetensors")
 
 
-def corpus_info(blocks_file: str) -> dict:
-    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, parts, token counts)."""
+def corpus_info(blocks_file: str | None) -> dict:
+    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, parts, token
+    counts); `{"used": False}` for a run that read no corpus (`PipelineConfig.reads_corpus`)."""
+    if blocks_file is None:
+        return {"used": False}
     return json.loads((Path(blocks_file).parent / "corpus.json").read_text())
 
 
 def _text_blocks(
-    cfg: PipelineConfig, name: str, make: Callable[..., TextBlocks], base_dir: str, blocks_file: str
+    cfg: PipelineConfig, name: str, make: Callable[..., TextBlocks], base_dir: str, blocks_file: str | None
 ) -> str:
-    """Cache the blocks `make(cfg, tokenizer, blocks_file)` returns as `<name>.safetensors` + `<name>.json`."""
+    """Cache the blocks `make(cfg, tokenizer, blocks_file)` returns as `<name>.safetensors` + `<name>.json`.
+
+    `blocks_file` is None when the run reads no corpus: then the section has files of its own.
+    """
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -126,14 +132,14 @@ def _text_blocks(
     return str(commit(tmp, out) / f"{name}.safetensors")
 
 
-def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+def prepare_calibration(cfg: PipelineConfig, base_dir: str, blocks_file: str | None) -> str:
     """The calibration blocks (`calibration` section) as a safetensors file; cached like every step."""
     from loram_core.sources import calibration_blocks
 
     return _text_blocks(cfg, "calibration", calibration_blocks, base_dir, blocks_file)
 
 
-def prepare_eval(cfg: PipelineConfig, base_dir: str, blocks_file: str) -> str:
+def prepare_eval(cfg: PipelineConfig, base_dir: str, blocks_file: str | None) -> str:
     """The held-out blocks every model is scored on (`eval` section) as a safetensors file."""
     from loram_core.sources import eval_blocks
 

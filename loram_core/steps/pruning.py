@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from loram_core.config import PruneConfig, RunContext
+from loram_core.dtypes import cast_checkpoint, published_dtype
+from loram_core.models import load_config
 from loram_core.prune import load_masks, prune_checkpoint, save_masks
 from loram_core.steps._common import Progress, commit, compute_device, step_dir, tmp_for
 
@@ -18,6 +20,10 @@ def prune(
 ) -> str:
     """Prune the base model; returns a directory with the checkpoint, tokenizer and `masks/`.
 
+    The checkpoint is written in the published dtype (`ctx.dtype`, see `loram_core.dtypes`), whatever
+    `prune.dtype` computed in: it is what a version without alignment publishes, and what the
+    pruned perplexity is measured on.
+
     Args:
         prune: the `prune` section.
         ctx: the run's work dir and device.
@@ -26,7 +32,9 @@ def prune(
         progress: called with `{"step", "total", "what"}` per layer and phase.
     """
     device = compute_device(ctx)
-    key = {"prune": prune.model_dump(), "base": base_dir, "calibration": calib_file, "device": device.type}
+    dtype = published_dtype(load_config(base_dir), ctx.dtype)
+    key = {"prune": prune.model_dump(), "base": base_dir, "calibration": calib_file, "device": device.type,
+           "dtype": str(dtype)}  # fmt: skip
     out = step_dir(ctx, "prune", key)
     if (out / "config.json").is_file():
         return str(out)
@@ -39,6 +47,7 @@ def prune(
             progress({"step": done, "total": total, "what": what})
 
     masks = prune_checkpoint(base_dir, tmp, prune, calib, report, device=device)
+    cast_checkpoint(tmp, dtype)  # a no-op where prune.dtype already is the published dtype
     save_masks(masks, tmp / "masks" / "masks.safetensors")
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
     return str(commit(tmp, out))

@@ -55,7 +55,7 @@ def publish_uri(cfg: PipelineConfig) -> str:
 def publish(
     cfg: PipelineConfig,
     base_dir: str,
-    blocks_file: str,
+    blocks_file: str | None,
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,
@@ -103,7 +103,7 @@ def _manifest(
     cfg: PipelineConfig,
     version: str,
     base_dir: str,
-    blocks_file: str,
+    blocks_file: str | None,
     aligned_dir: str,
     nf4_dir: str | None,
     evaluation: dict,

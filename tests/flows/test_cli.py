@@ -14,12 +14,12 @@ FIXTURE = REPO / "tests" / "fixtures" / "llama-2-13b.config.json"
 
 
 def loram(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    # No timeout: a busy machine may take minutes (a demo base pretrains); CI's own limit catches a hang.
     return subprocess.run(
         [sys.executable, "-m", "loram_provider.flows.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        timeout=120,
     )
 
 
@@ -146,7 +146,7 @@ def test_run_until_prune_prunes_evaluates_once_and_publishes_no_alignment_rows(t
     bucket = tmp_path / "bucket"
     result = loram("run", str(REPO / "configs" / "demo.yaml"), *TINY, f"workdir={tmp_path / 'w'}",
                    f"base.cache_dir={tmp_path / 'cache'}", f"publish.uri=file://{bucket}", "publish.version=v1",
-                   "prune.strategy=semi", "--until", "prune")  # fmt: skip
+                   "prune.strategy=semi", "base.demo.pretrain_steps=30", "--until", "prune")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "original" in out and "pruned" in out and "non-zero weights" in out and "weights memory" in out
@@ -203,7 +203,7 @@ def test_unreachable_prefect_api_is_one_paragraph_before_any_work(tmp_path: Path
     url = "http://127.0.0.1:9/api"  # the discard port: nothing listens there
     result = subprocess.run(
         [sys.executable, "-m", "loram_provider.flows.cli", "run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "PREFECT_API_URL": url},
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PREFECT_API_URL": url},
     )  # fmt: skip
     assert result.returncode == 2
     message = " ".join(result.stderr.split())
@@ -235,12 +235,13 @@ def test_handled_error_in_a_task_prints_one_paragraph_and_logs_the_traceback(
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral mode
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh database on a busy machine
+    # A fresh database on a busy machine takes what it takes: no limit of ours (CI's catches a hang).
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(10**9)
     args = ["run", str(REPO / "configs" / "demo.yaml"), f"workdir={tmp_path / 'w'}"] + (
         ["--debug"] if debug else []
     )
     result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args], capture_output=True, text=True,
-                            cwd=REPO, timeout=400, env=env)  # fmt: skip
+                            cwd=REPO, env=env)  # fmt: skip
     assert result.returncode == 2, result.stderr
     if debug:  # Prefect's own logging, tracebacks included, and the paragraph last
         assert result.stderr.count("Traceback (most recent call last)") == 2

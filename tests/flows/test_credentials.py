@@ -14,6 +14,7 @@ from loram_core.bucket import verify_version
 from loram_core.config import load_config
 from loram_core.errors import ConfigError, LoramError
 from loram_provider.flows.credentials import BLOCK_TYPE, block_credentials
+from tests.flows.test_provider_flow import NO_LIMIT
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ KEY_VARS = (
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=NO_LIMIT):
         yield
 
 

@@ -52,3 +52,37 @@ def test_alignment_off_scores_each_model_once_and_names_the_nf4_variant_pruned(t
     summary = summary_markdown(uri, evaluation)
     assert "| pruned NF4 perplexity |" in summary and "aligned" not in summary and "recovered" not in summary
     assert "| stored parameters |" in summary and "non-zero" not in summary
+
+
+def test_a_prune_only_run_with_its_own_calibration_and_eval_text_never_reads_the_corpus(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "base"
+    tiny_model(num_hidden_layers=4).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    write_corpus(tmp_path / "calib.txt", docs=200)
+    write_corpus(tmp_path / "eval.txt", docs=200)
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"base.source={base}", f"corpus.paths={tmp_path / 'no-such-corpus.txt'}", "corpus.seq_len=32",
+         f"calibration.source={tmp_path / 'calib.txt'}", "calibration.samples=4",
+         f"eval.source={tmp_path / 'eval.txt'}", "eval.blocks=4", f"workdir={tmp_path / 'work'}",
+         f"base.cache_dir={tmp_path / 'cache'}", "prune.strategy=semi", "until=prune",
+         "publish.enabled=false", "publish.version=v1"],
+    )  # fmt: skip
+    assert not cfg.reads_corpus()
+    steps.preflight(cfg)  # the corpus file does not even exist: nothing reads it, so nothing checks it
+    pruned = steps.prune(cfg.prune, cfg.context, str(base), steps.prepare_calibration(cfg, str(base), None))
+    evaluation = steps.evaluate(cfg, str(base), pruned, pruned, None, None)
+    assert set(evaluation["metrics"]) == {"original_ppl", "pruned_ppl", "heldout_tokens"}
+    steps.publish(cfg, str(base), None, pruned, None, evaluation)
+    assert not list((tmp_path / "work").glob("corpus-*"))  # no corpus step ran
+    manifest = verify_version(f"file://{tmp_path / 'work' / 'local-bucket'}/demo-llama")
+    assert manifest.corpus == {"used": False} and manifest.until == "prune"
+    for flag in ("align", "corpus"):  # with alignment, or evaluation on the corpus, it is read again
+        other = (
+            cfg.model_copy(update={"until": "quantize"})
+            if flag == "align"
+            else cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"source": "corpus"})})
+        )
+        assert other.reads_corpus()

@@ -12,6 +12,9 @@ from loram_core.bucket import verify_version
 from loram_core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
+# How long Prefect's test harness may wait for its server to start: no limit of ours (a fresh
+# database on a busy machine takes what it takes; CI's overall limit catches a hang).
+NO_LIMIT = float("inf")
 TINY = [
     "base.demo.vocab_size=512",
     "base.demo.hidden_size=64",
@@ -45,7 +48,7 @@ def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
     # Migrating a fresh database takes ~20 s on two cores: once per module, with room to spare.
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=NO_LIMIT):
         yield
 
 

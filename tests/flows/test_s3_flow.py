@@ -15,8 +15,13 @@ from tests.s3_server import ACCESS_KEY, SECRET_KEY, aws_env
 
 
 def loram(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loram_provider.flows.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=900)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "loram_provider.flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )  # no timeout: the work is bounded, a hang is CI's to catch
 
 
 def test_run_publishes_to_s3_and_pull_verifies_and_loads(s3: str, moto_server: str, tmp_path: Path) -> None:
@@ -50,12 +55,16 @@ def test_run_publishes_to_s3_and_pull_verifies_and_loads(s3: str, moto_server: s
     assert torch.equal(ours, theirs)
 
     # ... and stock transformers loads both variants of the pulled version (random structured: per-layer
-    # widths, so through the modeling code the version ships), with load_model's logits.
+    # widths, so through the modeling code the version ships) in the dtype its config claims, with
+    # load_model's logits in that dtype.
     for variant in ("model", "model-nf4"):
         path = tmp_path / "dest" / variant
+        claimed = getattr(torch, json.loads((path / "config.json").read_text())["dtype"])
+        stock_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        assert stock_model.dtype == claimed == torch.bfloat16, variant
         with torch.no_grad():
-            stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()(ids).logits
-            reference = load_model(path).eval()(ids).logits
+            stock = stock_model(ids).logits
+            reference = load_model(path, dtype=claimed).eval()(ids).logits
         assert stock.shape == reference.shape == (1, 32, 512)
         torch.testing.assert_close(stock.float(), reference.float(), atol=1e-3, rtol=1e-3)
 

@@ -123,6 +123,14 @@ def test_every_step_computes_on_the_configured_device(
     param_device = lambda args, kw: next(args[0].parameters()).device.type  # noqa: E731
     kw_device = lambda args, kw: torch.device(kw["device"]).type  # noqa: E731
     spy(pruning, "prune_checkpoint", kw_device)
+    computed: list[str] = []
+    cast = pruning.cast_checkpoint  # called on the pruned checkpoint as prune_checkpoint wrote it
+
+    def cast_spy(model_dir, dtype):
+        computed.append(json.loads((Path(model_dir) / "config.json").read_text())["dtype"])
+        return cast(model_dir, dtype)
+
+    monkeypatch.setattr(pruning, "cast_checkpoint", cast_spy)
     spy(alignment, "train_causal_lm", param_device)
     spy(quantization, "quantize_checkpoint", kw_device)
     spy(evaluation, "perplexity", param_device)
@@ -149,8 +157,11 @@ def test_every_step_computes_on_the_configured_device(
         "aligned_ppl",
         "aligned_nf4_ppl",
     }
-    dtype = json.loads((Path(pruned) / "config.json").read_text())["dtype"]
-    assert dtype == ("float32" if device == "cpu" else "bfloat16")  # prune.dtype=auto
+    # prune.dtype=auto computes in float32 on the CPU, bfloat16 on a GPU; what is written is the
+    # published dtype either way (bfloat16 from this float32 base), and so is the aligned model.
+    assert computed == ["float32" if device == "cpu" else "bfloat16"]
+    for out in (pruned, aligned):
+        assert json.loads((Path(out) / "config.json").read_text())["dtype"] == "bfloat16"
     save_masks(load_masks(Path(pruned) / "masks" / "masks.safetensors"), tmp_path / "again.safetensors")
 
 

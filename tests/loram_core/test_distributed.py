@@ -30,13 +30,15 @@ def pruned(tmp_path: Path) -> tuple[str, str]:
     return str(d), str(blocks)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("parallel", "dtype"), [("ddp", "float32"), ("fsdp", "bfloat16")])
 def test_two_process_alignment_matches_one_process_with_the_same_global_batch(
-    tmp_path, pruned, parallel
+    tmp_path, pruned, parallel, dtype
 ) -> None:
+    """Both save in the published dtype: float32 compares the trajectories' weights at full precision;
+    bfloat16 (the default from this float32 base) shows the torchrun worker writes the same dtype."""
     pruned_dir, blocks = pruned
     common = ["align.steps=8", "align.lr=0.003", "align.warmup_steps=2", "align.log_every=2", "align.precision=fp32",
-              "align.checkpoint_every=4"]  # fmt: skip
+              "align.checkpoint_every=4", f"publish.dtype={'auto' if dtype == 'bfloat16' else dtype}"]  # fmt: skip
     two = load_config(
         REPO / "configs" / "demo.yaml",
         common
@@ -59,7 +61,12 @@ def test_two_process_alignment_matches_one_process_with_the_same_global_batch(
     # Same samples per step, gradients averaged across ranks: the same trajectory up to float rounding.
     for (s2, l2), (s1, l1) in zip(log2["losses"], log1["losses"], strict=True):
         assert s2 == s1 and l2 == pytest.approx(l1, rel=1e-4)
+    for out in (out2, out1):
+        assert json.loads((Path(out) / "config.json").read_text())["dtype"] == dtype
     a, b = load_model(out2), load_model(out1)
+    # float32: float rounding only; bfloat16: each side rounds its float32 weights, so equal values
+    # can land one bfloat16 step (2^-8 relative) apart.
+    rtol = 1e-3 if dtype == "float32" else 2**-7
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=1e-5, msg=name)
     assert not (Path(out2) / "train_result.json").exists()

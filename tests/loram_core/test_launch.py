@@ -2,6 +2,9 @@
 
 The alignment cases launch the real thing: `torchrun` with two CPU processes (Gloo) through
 `steps.align`, in a parent process that the test then terminates or kills as Prefect would.
+No test waits on a clock: children block until killed, waits end on a condition or on the process
+they watch dying, and the alignment deadlines are made to pass once a checkpoint exists (a clock
+that follows the work), so a slow machine changes nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,21 +32,19 @@ REPO = Path(__file__).resolve().parents[2]
 # A parent that launches a child which starts a grandchild (as torchrun's agent starts workers).
 TREE = textwrap.dedent(
     """
-    import subprocess, sys, time
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    import subprocess, sys, threading
+    subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait()"])
     print("ready", flush=True)
-    time.sleep(600)
+    threading.Event().wait()
     """
 )
 
 
-def _wait_for(predicate, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
+def _wait_for(predicate, watched: subprocess.Popen | None = None) -> None:
+    """Poll until `predicate()`; fail if `watched` exits first (no clock: CI's limit catches a hang)."""
+    while not predicate():
+        assert watched is None or watched.poll() is None, f"the process exited ({watched.returncode}) first"
         time.sleep(0.1)
-    raise AssertionError("condition not reached")
 
 
 def test_an_exception_in_the_parent_kills_the_whole_group(tmp_path: Path, monkeypatch) -> None:
@@ -73,7 +76,7 @@ def test_kill_registered_kills_groups_another_process_started(tmp_path: Path) ->
     pgid = int(next(reg.glob("*.pgid")).stem)
     assert launch.kill_registered(reg, grace_s=5) == [pgid]
     assert not launch.group_alive(pgid)
-    parent.wait(timeout=60)
+    parent.wait()
 
 
 ALIGN = textwrap.dedent(
@@ -103,20 +106,51 @@ def test_terminating_a_torchrun_alignment_leaves_no_process(tmp_path: Path, prun
         text=True,
     )
     # Training is under way once rank 0 reports (the parent prints nothing but the workers' lines).
-    _wait_for(lambda: list(reg.glob("*.pgid")))
+    _wait_for(lambda: list(reg.glob("*.pgid")), parent)
     pgid = int(next(reg.glob("*.pgid")).stem)
-    _wait_for(lambda: len(launch.tree(pgid)) >= 3)  # agent + 2 workers (each in a session of its own)
+    _wait_for(lambda: len(launch.tree(pgid)) >= 3, parent)  # agent + 2 workers (each in a session of its own)
     members = launch.tree(pgid)
     parent.send_signal(how)
-    parent.wait(timeout=60)
-    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and launch._alive(pid) for pid in members), 60)
+    parent.wait()
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and launch._alive(pid) for pid in members))
+
+
+def _checkpointed(work: Path, step: int) -> bool:
+    """Whether an alignment under `work` has saved the checkpoint of `step` (or a later one)."""
+    for trainer in work.glob("align-*.partial/checkpoint/trainer.json"):
+        try:
+            return json.loads(trainer.read_text())["step"] >= step
+        except (json.JSONDecodeError, FileNotFoundError):  # being swapped in right now
+            return False
+    return False
 
 
 def test_torchrun_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     pruned,  # noqa: F811
 ) -> None:
     pruned_dir, blocks = pruned
+    timers: list[float] = []
+
+    class AfterCheckpoint(threading.Thread):
+        """`launch`'s deadline timer, fired once the checkpoint of step 2 exists instead of after 30 s."""
+
+        def __init__(self, interval: float, function) -> None:
+            super().__init__(daemon=True)
+            self.function, self.cancelled = function, threading.Event()
+            timers.append(interval)
+
+        def run(self) -> None:
+            while not self.cancelled.wait(0.1):
+                if _checkpointed(tmp_path / "w", 2):
+                    self.function()
+                    return
+
+        def cancel(self) -> None:
+            self.cancelled.set()
+
+    monkeypatch.setattr(launch, "threading", SimpleNamespace(Timer=AfterCheckpoint, Event=threading.Event))
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
         ["align.steps=100000", "align.nproc_per_node=2", "align.parallel=ddp", "align.batch_size=2",
@@ -125,7 +159,7 @@ def test_torchrun_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
     )  # fmt: skip
     with pytest.raises(launch.DeadlineExceeded, match=r"align.deadline_minutes") as err:
         steps.align(cfg.align, cfg.context, pruned_dir, blocks)
-    assert "kept" in str(err.value)
+    assert "kept" in str(err.value) and timers == [30.0]  # the timer was set for align.deadline_minutes
     trainer = next((tmp_path / "w").glob("align-*.partial/checkpoint/trainer.json"))
     assert json.loads(trainer.read_text())["step"] >= 2
     assert not list((tmp_path / "w").glob("align-*[0-9a-f]/config.json"))  # no model pretends to be done
@@ -133,15 +167,22 @@ def test_torchrun_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
 
 def test_in_process_alignment_past_its_deadline_stops_and_keeps_its_checkpoint(
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     pruned,  # noqa: F811
 ) -> None:
+    from loram_core.steps import alignment
+
     pruned_dir, blocks = pruned
+    # The loop's clock, as the deadline reads it: still at the start until the checkpoint of step 2
+    # exists, then far past the deadline (so the run stops at its next report, step 3).
+    clock = SimpleNamespace(monotonic=lambda: 1e9 if _checkpointed(tmp_path / "w", 2) else 0.0)
+    monkeypatch.setattr(alignment, "time", clock)
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
         ["align.steps=100000", "align.batch_size=2", "align.checkpoint_every=2", "align.log_every=1",
          "align.precision=fp32", "align.deadline_minutes=0.05", f"workdir={tmp_path / 'w'}"],
     )  # fmt: skip
-    with pytest.raises(LoramError, match=r"align.deadline_minutes=0.05 and was stopped at step"):
+    with pytest.raises(LoramError, match=r"align.deadline_minutes=0.05 and was stopped at step 3/100000"):
         steps.align(cfg.align, cfg.context, pruned_dir, blocks)
     trainer = next((tmp_path / "w").glob("align-*.partial/checkpoint/trainer.json"))
     assert json.loads(trainer.read_text())["step"] >= 2

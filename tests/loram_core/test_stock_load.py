@@ -76,6 +76,11 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
     assert (path / MODELING_FILE).is_file() == structured
     assert ("auto_map" in json.loads((path / "config.json").read_text())) == structured
     stock = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=structured, dtype=torch.bfloat16)
+    if variant == "model-nf4" and not structured:
+        from loram_core.card import CPU_NF4_RECIPE
+
+        assert CPU_NF4_RECIPE in (published[strategy] / "README.md").read_text()
+        _card_cpu_recipe(stock)  # what the card tells a stock load to do before it trains on a CPU
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=structured)
     assert tokenizer("def f(x):").input_ids  # the variant is complete: its tokenizer ships with it
     ours = load_model(path, dtype=torch.bfloat16)
@@ -88,7 +93,7 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
         assert type(stock.model.layers[1].mlp.gate_proj).__name__ == "Linear4bit"
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     stock.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # an inference call first: bitsandbytes repacks NF4 weights here where it can
         a, b = stock(ids).logits.float(), ours(ids).logits.float()
     # Same weights, same kernels: bf16 (and NF4 dequantized to bf16) rounding is the only slack.
     assert torch.allclose(a, b, atol=2e-2, rtol=2e-2), (a - b).abs().max()
@@ -119,6 +124,61 @@ def test_stock_from_pretrained_matches_load_model_and_trains_lora(
         recovered = PeftModel.from_pretrained(original, full)
         grown = recovered.base_model.model.model.layers[1].mlp.gate_proj.lora_B["default"].weight
         assert grown.shape == (128, 4) and torch.count_nonzero(grown.abs().sum(1)) <= 44
+
+
+def _card_cpu_recipe(model: torch.nn.Module) -> None:
+    """Run the model card's lines for training a stock-loaded NF4 model on a CPU, as a consumer would."""
+    from loram_core.card import CPU_NF4_RECIPE
+
+    exec(CPU_NF4_RECIPE, {"model_4bit": model})  # the card's own text, so the two cannot drift apart
+
+
+def _trains_through_nf4(model: torch.nn.Module, ids: torch.Tensor) -> bool:
+    """After an inference call, does one LoRA backward reach every layer's gate_proj (before down_proj)?"""
+    from peft import LoraConfig, get_peft_model
+
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "down_proj"]))
+    lora.train()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    grads = [
+        layer.mlp.gate_proj.lora_B["default"].weight.grad for layer in lora.base_model.model.model.layers
+    ]
+    return all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+@pytest.mark.parametrize("strategy", ["semi", "structured"])
+def test_nf4_trains_through_our_loader_after_an_inference_call(
+    published: dict[str, Path], strategy: str
+) -> None:
+    """`load_model` (and the shipped modeling code) route a forward with gradients enabled through
+    bitsandbytes' differentiable path, even once an inference call repacked the weights for its
+    AVX512-BF16 kernel, whose output has no backward (on such a CPU, HEAD 07d12f4 passed no gradient)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    model = load_model(published[strategy] / "model-nf4", dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.eval()(ids)
+    packed = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+              and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]  # fmt: skip
+    assert bool(packed) == has_avx512bf16()  # where the kernel exists (odd widths excepted)
+    assert _trains_through_nf4(model, ids)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+
+
+@pytest.mark.skipif("not __import__('bitsandbytes').functional.has_avx512bf16()", reason="needs AVX512-BF16")
+def test_stock_nf4_needs_the_card_recipe_to_train_on_an_avx512_cpu(published: dict[str, Path]) -> None:
+    """Why the card has its CPU lines: bitsandbytes 0.50's repacked weights pass no gradient. When this
+    fails, bitsandbytes has fixed it and the card's lines can go."""
+    path = published["semi"] / "model-nf4"
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert not _trains_through_nf4(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), ids)
+    followed = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    _card_cpu_recipe(followed)
+    assert _trains_through_nf4(followed, ids)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

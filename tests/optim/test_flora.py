@@ -176,3 +176,103 @@ def test_build_optimizer_names():
     assert flora.param_groups[0]["rank"] == 2 and flora.param_groups[0]["kappa"] == 7
     with pytest.raises(ValueError, match="'sgd'.*adamw, flora"):
         build_optimizer("sgd", params, lr=1e-3, weight_decay=0.0)
+
+
+def _semi_mask(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A 2:4 keep-mask (two kept in every four consecutive weights of a row), bool (rows, cols)."""
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed)).view(-1, 4)
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(2, dim=1).indices, True)
+    return keep.view(rows, cols)
+
+
+def test_masked_flora_ignores_gradients_at_pruned_positions():
+    """A gradient planted on pruned positions moves no weight and leaves the momentum zero there; at
+    HEAD 07d12f4 (no masks) the projection spread it over kept weights."""
+    keep = _semi_mask(32, 64)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(32, 64, generator=g) for _ in range(5)]
+    planted = [100.0 * torch.randn(32, 64, generator=g) for _ in range(5)]
+    runs = []
+    for plant in (False, True):
+        w = nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) * keep)
+        opt = Flora([w], lr=1e-2, weight_decay=0.1, rank=4, kappa=2, masks={w: keep})
+        for grad, extra in zip(grads, planted, strict=True):
+            w.grad = grad * keep + (extra * ~keep if plant else 0)
+            opt.step()
+        assert not w[~keep].any()  # pruned weights stay zero without re-masking
+        assert not opt.momentum(w)[~keep].any() and opt.momentum(w)[keep].any()
+        runs.append(
+            (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items() if torch.is_tensor(v)})
+        )
+    assert torch.equal(runs[0][0], runs[1][0])
+    for key in runs[0][1]:
+        assert torch.equal(runs[0][1][key], runs[1][1][key]), key
+
+
+def test_masked_flora_counts_kept_entries_in_its_second_moment():
+    """First step on a gradient of one magnitude at every kept position: each kept weight moves by lr,
+    as AdamW's first step does. Means that counted pruned zeros would see half the second moment (a
+    2:4 mask) and step sqrt(2) x lr."""
+    keep = _semi_mask(32, 64)
+    sign = torch.randint(0, 2, (32, 64), generator=torch.Generator().manual_seed(3)).float() * 2 - 1
+    w = nn.Parameter(torch.zeros(32, 64))
+    opt = Flora([w], lr=1e-2, rank=4, eps=1e-12, masks={w: keep})
+    w.grad = 0.3 * sign * keep
+    opt.step()
+    torch.testing.assert_close(w.detach(), -1e-2 * sign * keep, rtol=1e-5, atol=0)
+
+
+def test_a_dense_mask_gives_unmasked_flora():
+    def run(masked: bool) -> torch.Tensor:
+        w = nn.Parameter(torch.randn(32, 64, generator=torch.Generator().manual_seed(2)))
+        masks = {w: torch.ones(32, 64, dtype=torch.bool)} if masked else None
+        opt = Flora([w], lr=1e-2, weight_decay=0.1, rank=4, kappa=2, masks=masks)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            w.grad = torch.randn(32, 64, generator=g)
+            opt.step()
+        return w.detach()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
+
+
+def test_a_mask_of_the_wrong_shape_is_refused():
+    w = nn.Parameter(torch.zeros(8, 4))
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 8\) for a parameter of shape \(8, 4\)"):
+        Flora([w], masks={w: torch.ones(4, 8, dtype=torch.bool)})
+
+
+def _flora_opt_step(w: torch.Tensor, grads: list[torch.Tensor], lr: float) -> torch.Tensor:
+    """flora-opt's (BorealisAI) torch step for a matrix, beta1 off, lr not scaled by the weight's RMS
+    (`scale_parameter=False`), transcribed from its definition: Adafactor's factored second moment
+    (`g^2 + 1e-30` averaged over rows and columns, beta2_t = 1 - t^-0.8, no bias correction),
+    `g * rsqrt(row / mean(row)) * rsqrt(col)`, the update's RMS capped at 1."""
+    row = torch.zeros(w.shape[0])
+    col = torch.zeros(w.shape[1])
+    w = w.clone()
+    for t, g in enumerate(grads, start=1):
+        beta2t = 1.0 - t**-0.8
+        sq = g.square() + 1e-30
+        row = beta2t * row + (1 - beta2t) * sq.mean(dim=1)
+        col = beta2t * col + (1 - beta2t) * sq.mean(dim=0)
+        u = g * (row / row.mean()).rsqrt()[:, None] * col.rsqrt()[None, :]
+        u = u / max(1.0, (u.norm() / u.numel() ** 0.5).item())
+        w = w - lr * u
+    return w
+
+
+def test_first_step_is_flora_opts_adafactor_step():
+    """Where the two agree (no momentum, the first step, where flora-opt's beta2_1 = 0 and our bias
+    correction cancel), the factored second moment and the RMS cap give flora-opt's update. Later steps
+    differ on purpose (README: constant beta2 with bias correction; Adam-form momentum)."""
+    g = torch.Generator().manual_seed(4)
+    w0, grads = torch.randn(24, 40, generator=g), [torch.randn(24, 40, generator=g) * 3 for _ in range(3)]
+    w = nn.Parameter(w0.clone())
+    opt = Flora([w], lr=1e-2, betas=(0.0, 0.999), eps=0.0, rank=4)
+    w.grad = grads[0]
+    opt.step()
+    torch.testing.assert_close(w.detach(), _flora_opt_step(w0, grads[:1], 1e-2), rtol=1e-6, atol=1e-7)
+    for grad in grads[1:]:
+        w.grad = grad
+        opt.step()
+    assert not torch.allclose(w.detach(), _flora_opt_step(w0, grads, 1e-2), rtol=1e-4, atol=1e-5)

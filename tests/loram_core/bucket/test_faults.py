@@ -55,9 +55,13 @@ def test_publish_killed_mid_upload_leaves_no_version_and_the_rerun_sends_only_wh
         "m/v1/masks/masks.safetensors",
         "m/v1/model/config.json",
     ]
+    client = boto3.client("s3")
+    left_open = [u["Key"] for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])]
+    assert left_open == ["m/v1/model/model.safetensors"]  # the killed upload, still open
     with pytest.raises(LoramError, match="neither a published version"):
         verify_version(f"{s3}/m")
     again = publish(staging, m, s3)
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=BUCKET)  # aborted by the rerun
     assert (again.status, again.uploaded_files, again.skipped_files) == ("published", 2, 3)
     assert again.uploaded_bytes == 12 * MiB + 2 * MiB + 7  # the model file and the NF4 file, nothing else
     assert verify_version(f"{s3}/m").version == "v1"

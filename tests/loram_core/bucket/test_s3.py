@@ -151,3 +151,48 @@ def test_republishing_an_older_version_unchanged_does_not_move_latest_back(s3: s
     m1.created_at = "2026-01-03T00:00:00+00:00"  # a rerun stamps its manifest later; the content is v1's
     assert publish(old, m1, s3).status == "unchanged"
     assert resolve_version(f"{s3}/m")[1].version == "v2"
+
+
+def test_uploads_carry_s3_checksums_of_the_very_bytes_sent(
+    s3: str, tmp_path: Path, small_parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A single PUT carries the sha256 it was checked against the manifest with; each multipart part
+    its CRC32, and CompleteMultipartUpload lists them. AWS_REQUEST_CHECKSUM_CALCULATION=when_required
+    (the SDKs' switch for stores that refuse checksums) sends none."""
+    import base64
+    import zlib
+
+    sent: list[tuple[str, dict]] = []
+    original = s3_module.S3Store._call
+    monkeypatch.setattr(
+        s3_module.S3Store, "_call", lambda self, method, what, **kw: sent.append((method, kw)) or original(
+            self, method, what, **kw)
+    )  # fmt: skip
+    staging, m = staged(tmp_path)
+    publish(staging, m, s3)
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    digests = {f"m/v1/{f.path}": f.sha256 for f in m.files}
+    # By key and part number: a call retried after a transient error counts once (its last attempt).
+    puts = {kw["Key"]: kw for method, kw in sent if method == "put_object" and kw["Key"] in digests}
+    assert len(puts) == 4  # the files under 5 MiB
+    for key, kw in puts.items():
+        assert (
+            kw["ChecksumSHA256"]
+            == b64(hashlib.sha256(kw["Body"]).digest())
+            == b64(bytes.fromhex(digests[key]))
+        )
+    parts = {kw["PartNumber"]: kw for method, kw in sent if method == "upload_part"}
+    assert sorted(parts) == [1, 2, 3] and all(
+        kw["ChecksumCRC32"] == b64(zlib.crc32(kw["Body"]).to_bytes(4, "big")) for kw in parts.values()
+    )
+    complete = [kw for method, kw in sent if method == "complete_multipart_upload"][-1]
+    listed = complete["MultipartUpload"]["Parts"]
+    assert [p["ChecksumCRC32"] for p in listed] == [parts[p["PartNumber"]]["ChecksumCRC32"] for p in listed]
+    head = boto3.client("s3").head_object(Bucket=BUCKET, Key="m/v1/README.md", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == b64(bytes.fromhex(digests["m/v1/README.md"]))  # what the store kept
+
+    sent.clear()
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    staging, m2 = staged(tmp_path, seed=3, version="v2")
+    publish(staging, m2, s3)
+    assert sent and not any(k.startswith("Checksum") for _, kw in sent for k in kw)
