@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from safetensors.torch import load_file
 
@@ -15,6 +16,10 @@ from loram_core.prune import plan
 from loram_core.sizes import size_summary
 from loram_core.steps._common import commit, compute_device, step_dir, tmp_for
 from loram_core.steps.inputs import prepare_eval
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 
 def evaluate(
@@ -30,7 +35,8 @@ def evaluate(
     The original and the pruned model always; the aligned one when alignment ran (`cfg.runs`), and
     the 4-bit variant when given (`aligned_nf4_ppl`, or `pruned_nf4_ppl` without alignment). Models
     are scored one at a time on the run's device (bf16 on a GPU unless `evaluate.dtype` says
-    otherwise) on the `eval` blocks; the result records that device and the seconds each took.
+    otherwise; the 4-bit one's unquantized modules too) on the `eval` blocks; the result records
+    that device and the seconds each took.
 
     Returns:
         `{"metrics": {...ppl, "recovered", "heldout_tokens"}, "params": size summary, "compute": device facts}`.
@@ -62,7 +68,9 @@ def evaluate(
     if nf4_dir is not None:
         name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
-        metrics[name] = perplexity(load_model(nf4_dir, device_map=str(device)), heldout, bs, stride)
+        metrics[name] = perplexity(
+            _nf4_in(load_model(nf4_dir, device_map=str(device)), dtype), heldout, bs, stride
+        )
         seconds[name] = round(time.perf_counter() - t0, 3)
     if aligned:
         damage = metrics["pruned_ppl"] - metrics["original_ppl"]
@@ -79,3 +87,16 @@ def evaluate(
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
     commit(tmp, out)
     return result
+
+
+def _nf4_in(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The 4-bit model with its unquantized weights (embeddings, norms, head) in `dtype`, as the others are scored.
+
+    A pre-quantized checkpoint loads them in the dtype they were stored in whatever `dtype` asks for
+    (bfloat16 since model/ is published in 16 bits), so without this the NF4 row of a float32
+    evaluation had bf16 embeddings, norms and head. The 4-bit weights (uint8) are left as they are.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model

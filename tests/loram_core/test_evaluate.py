@@ -198,3 +198,41 @@ def test_the_card_names_the_protocol_and_its_token_counts() -> None:
     m.eval = {"source": ["wiki.test.txt"], "protocol": protocol(4096, 128, 64)}
     card = model_card(m, "s3://bucket")
     assert "63 windows of 128 tokens starting every 64 tokens" in card and "`wiki.test.txt`" in card
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_model_is_scored_in_the_evaluation_dtype_the_nf4_one_too(
+    tmp_path: Path, monkeypatch, dtype
+) -> None:
+    """The NF4 model's embeddings, norms and head load in the dtype they are stored in (bfloat16 since model/ is
+    published in 16 bits), whatever dtype from_pretrained is given, while the others load in `evaluate.dtype`
+    (float32 on the CPU): HEAD's table mixed precisions. Every model is now scored with them in that dtype."""
+    from loram_core.steps import evaluation
+    from tests.conftest import tiny_tokenizer
+
+    base = tmp_path / "base"
+    tiny_model(num_hidden_layers=4).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    (tmp_path / "corpus.txt").write_text(
+        "\n\n".join(" ".join(random.Random(i).choices(_WORDS, k=30)) for i in range(200))
+    )
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"base.source={base}", f"corpus.paths={tmp_path / 'corpus.txt'}", "corpus.seq_len=32", "corpus.eval_blocks=4",
+        "calibration.samples=4", "align.steps=2", "align.batch_size=2", f"evaluate.dtype={dtype}",
+        f"workdir={tmp_path / 'work'}", f"base.cache_dir={tmp_path / 'cache'}",
+    ])  # fmt: skip
+    seen: list[set[torch.dtype]] = []
+    score = evaluation.perplexity
+
+    def spy(model, *args, **kwargs):
+        seen.append({p.dtype for p in model.parameters() if p.is_floating_point()})
+        return score(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "perplexity", spy)
+    blocks = steps.prepare_corpus(cfg, str(base))
+    pruned = steps.prune(cfg.prune, cfg.context, str(base), steps.prepare_calibration(cfg, str(base), blocks))
+    aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
+    nf4 = steps.quantize(cfg.quantize, cfg.context, aligned)
+    result = steps.evaluate(cfg, str(base), pruned, aligned, nf4, blocks)
+    assert seen == [{getattr(torch, dtype)}] * 4  # original, pruned, aligned, aligned NF4
+    assert result["compute"]["eval_dtype"] == dtype and math.isfinite(result["metrics"]["aligned_nf4_ppl"])

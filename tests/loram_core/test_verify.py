@@ -258,6 +258,56 @@ def test_no_heldout_prompt_occurs_in_training_for_either_heldout_rule(repeating_
     assert all(tuple(e.prompt.split(": ")[1].split("\n")[0].split()) in seen for e in train)
 
 
+def _unique_corpus(path: Path) -> None:
+    """600 paragraphs of 6 to 60 random made-up words (so 4-word windows hardly ever repeat)."""
+    import random
+
+    rng = random.Random(7)
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+        for _ in range(400)
+    ]
+    path.write_text(
+        "\n\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 60))) for _ in range(600))
+    )
+
+
+def test_under_eval_heldout_fraction_the_task_is_held_out_by_the_pipelines_token_split(
+    repeating_run, tmp_path
+) -> None:
+    """The issue's numbers, eval.heldout_fraction=0.02 with corpus.heldout_fraction=0.05: the pipeline holds out
+    2% of the tokens, and the task's held-out paragraphs are exactly those. HEAD built the task with the
+    documents rule at 0.05, whose paragraphs are mostly in alignment's training split (on the demo corpus 48 of
+    91); here too, so a task made HEAD's way fails every assertion below but the last. The cache key moves
+    with eval.heldout_fraction (HEAD's omitted it, so a run at 0.02 would reuse a verification made at 0.05)."""
+    from loram_core.config import fingerprint
+    from loram_core.data import parts_of, read_documents, split_flags
+    from loram_core.verify import task_source, verify_key
+
+    _unique_corpus(tmp_path / "unique.txt")
+    cfg, base, blocks_file = repeating_run(f"corpus.paths={tmp_path / 'unique.txt'}", "corpus.heldout_fraction=0.05",
+                                           "eval.heldout_fraction=0.02")  # fmt: skip
+    tok = tiny_tokenizer()
+    parts = parts_of(read_documents([str(tmp_path / "unique.txt")]))
+    pipeline = split_flags(parts, 0.02, "tokens", tok)
+    held = {p for p, f in zip(parts, pipeline, strict=True) if f}
+    training = {p for p, f in zip(parts, pipeline, strict=True) if not f}
+    head = {p for p in parts if split_flags([p], 0.05, "documents")[0]}  # HEAD's held-out task paragraphs
+    assert (
+        len(head & training) > len(head) // 2
+    )  # HEAD's rule: most of its "held-out" paragraphs were trained on
+    source = task_source(cfg, tok, blocks_file)
+    assert set(source.heldout_parts) == held and set(source.train_parts) == training
+    _, heldout, _ = make_task(source, 4, 64, 16, seed=0)
+    for e in heldout:
+        prompt = e.prompt.split(": ")[1].split("\n")[0]
+        assert any(prompt in p for p in held) and not any(prompt in p for p in training), prompt
+    keys = {fingerprint(verify_key(repeating_run(f"corpus.paths={tmp_path / 'unique.txt'}",
+                                                 "corpus.heldout_fraction=0.05", *e)[0], [base] * 3, blocks_file, "cpu"))
+            for e in ([], ["eval.heldout_fraction=0.02"], ["eval.heldout_fraction=0.03"])}  # fmt: skip
+    assert len(keys) == 3
+
+
 def test_the_verification_key_covers_the_heldout_rule_and_the_corpus(repeating_run, tmp_path: Path) -> None:
     from loram_core.config import fingerprint
     from loram_core.verify import verify_key
