@@ -108,8 +108,8 @@ def verification_markdown(verification: dict | None) -> str:
     unseen = ""
     if "heldout_seen_in_training" in task:
         unseen = (
-            f" {task['heldout_seen_in_training']} of {task['heldout_candidates']} held-out candidates were dropped "
-            "because their prompt's or response's words occur in the training text or training windows."
+            f" ({task['heldout_seen_in_training']} of {task['heldout_candidates']} held-out candidates dropped: "
+            "their prompt's or response's words occur in the training text or training windows)"
         )
     return f"""
 ## Verification: train small, infer large
@@ -118,7 +118,7 @@ A LoRA (rank {lora["rank"]}, alpha {lora["alpha"]:g}, on {", ".join(lora["target
 steps of {lora["batch_size"]}) was trained with peft on an instruction-style task built from the corpus
 (`{task["name"]}`: {what}; {task["train_examples"]} training examples from training paragraphs, {task["heldout_examples"]}
 held-out ones from held-out paragraphs, split by the same rule as alignment and evaluation; task fingerprint
-`{task["fingerprint"]}`),{unseen} recovered to the original's shape (`loram recover`, mode `{verification["recover_mode"]}`)
+`{task["fingerprint"]}`){unseen}, recovered to the original's shape (`loram recover`, mode `{verification["recover_mode"]}`)
 and {loaded}. Held-out task loss is the mean next-token cross-entropy over response tokens only (lower is better);
 token accuracy is the teacher-forced argmax. {spread} The rows are LoRAM's ablation (Fig. 6 of the paper):
 

@@ -28,6 +28,8 @@ def prefect_server():
 
 def _loram(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250"}  # rich wraps tables to the terminal
+    # Prefect's temporary server on a busy machine starts when it starts: no limit of ours (a hang is CI's).
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(10**9)
     return subprocess.run(
         [sys.executable, "-m", "loram_provider.flows.cli", *args],
         capture_output=True,

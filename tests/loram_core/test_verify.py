@@ -414,7 +414,9 @@ def test_the_table_says_which_differences_are_larger_than_the_spread() -> None:
     assert "Within the spread: unaligned (+0.030)" in card
     assert (
         "give the 8 words that follow 12 words" in card
-        and "9 of 100 held-out candidates were dropped" in card
+        and "(9 of 100 held-out candidates dropped: their prompt's or response's words occur in the training text "
+        "or training windows), recovered to the original's shape"
+        in card.replace("\n", " ")
     )
     one = {**record, "seeds": [0], "rows": [row("original", [6.0]), row("loram", [4.0])]}
     assert table_rows(one)[0]["vs LoRAM"] == "+2.000 (one seed: no spread)"
