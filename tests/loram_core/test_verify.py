@@ -141,12 +141,13 @@ def test_a_lora_trained_on_the_pruned_base_recovered_and_loaded_with_stock_peft_
 ) -> None:
     """Done-when: prune + align (20 steps) -> peft LoRA (40 steps) -> recover -> stock peft on the original.
 
-    Measured (demo base, 1 thread, configs/demo.yaml's verify section, 20 alignment steps): held-out
-    task loss (reverse 4 words, response tokens only) of the untuned original 7.014; recovered LoRA
-    on the original 4.962 (random structured, zeroA) and 4.865 (semi 2:4, dense); the same LoRA on
-    the pruned base 4.946 / 4.861. Asserted: the recovered LoRA lowers the original's loss by more
-    than 1.0 nat (half the smallest measured gap, 2.05). Wall time on 2 shared cores: 39 s (random)
-    and 50 s (semi), 45 s of CPU for both (prune 2 s, align 20 steps, two LoRAs and five scorings).
+    Measured (demo base of recipe 2, 1 thread, configs/demo.yaml's verify section: 3 seeds, 20
+    alignment steps): held-out task loss (reverse 4 words, response tokens only) of the untuned
+    original 7.382; recovered LoRA on the original 5.879 ± 0.031 (random structured, zeroA) and
+    5.834 ± 0.026 (semi 2:4, dense); the same LoRA on the pruned base 5.900 / 5.814. Asserted: the
+    recovered LoRA lowers the original's loss by more than 1.0 nat (two thirds of the smallest
+    measured gap, 1.50). 90 s of wall for both on 2 shared cores (prune, align 20 steps, six LoRAs
+    and thirteen scorings each).
     """
     from peft import PeftModel
 
@@ -165,7 +166,7 @@ def test_a_lora_trained_on_the_pruned_base_recovered_and_loaded_with_stock_peft_
     aligned = steps.align(cfg.align, cfg.context, pruned, blocks)
     result = verify(cfg, base, pruned, aligned, blocks)
     rows = {r["key"]: r for r in result["rows"]}
-    assert set(rows) == {"original", "loram", "unrecovered", "unaligned"}
+    assert set(rows) == {"original", "loram", "unrecovered", "unaligned", "neither"}
     assert result["recover_mode"] == ("zeroA" if strategy == "random" else "dense")
     assert rows["loram"]["loss"] < rows["original"]["loss"] - 1.0, rows
     assert rows["loram"]["accuracy"] > rows["original"]["accuracy"]
@@ -178,7 +179,7 @@ def test_a_lora_trained_on_the_pruned_base_recovered_and_loaded_with_stock_peft_
     from transformers import AutoTokenizer
 
     score = task_loss(model, enc(heldout, AutoTokenizer.from_pretrained(base)), cfg.verify.batch_size)
-    assert score.loss == pytest.approx(rows["loram"]["loss"], abs=1e-4)
+    assert score.loss == pytest.approx(rows["loram"]["losses"][0], abs=1e-4)  # loram-recovered/ is seed 0's
     # A re-run finds the step done and returns the same record without training.
     assert verify(cfg, base, pruned, aligned, blocks) == result
 
