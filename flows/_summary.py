@@ -71,13 +71,17 @@ def print_run_summary(console: Console, result: dict) -> None:
 
 def print_verification(console: Console, verification: dict) -> None:
     """The LoRA ablation's table (`verify` section), as the card shows it."""
-    table = Table(title="LoRA trained small, inferred large (held-out task loss, lower is better)")
-    for col in ("setting", "LoRA trained on", "inference on", "task loss", "token accuracy"):
-        table.add_column(col, justify="right" if col in ("task loss", "token accuracy") else "left")
-    for r in verification["rows"]:
-        table.add_row(
-            r["setting"], r["trained_on"], r["inferred_on"], f"{r['loss']:.3f}", f"{100 * r['accuracy']:.1f}%"
+    from loram_core.verify.report import table_rows
+
+    title = "LoRA trained small, inferred large (held-out task loss, mean ± std over seeds, lower is better)"
+    table = Table(title=title)
+    rows = table_rows(verification)
+    for col in rows[0]:
+        table.add_column(
+            col, justify="right" if col in ("task loss", "vs LoRAM", "token accuracy") else "left"
         )
+    for r in rows:
+        table.add_row(*r.values())
     console.print(table)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loram_core.config import SPARSE
+from loram_core.evaluate import protocol_sentence
 from loram_core.manifest import Manifest
 from loram_core.report import recovery_sentence
 from loram_core.sizes import size_rows
@@ -24,6 +25,21 @@ def _fmt(x) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     return "n/a" if x is None else str(x)
+
+
+def protocol_note(eval_info: dict) -> str:
+    """What the perplexities are: the protocol, the held-out text's source and its token counts."""
+    p = eval_info.get("protocol")
+    if not p:
+        return "Perplexity of the held-out blocks (no protocol recorded)."
+    source = eval_info.get("source")
+    if source == "corpus":
+        held = eval_info.get("heldout", {})
+        of = "tokens" if held.get("of") == "tokens" else "paragraphs and records"
+        where = f"the corpus's held-out split ({held.get('fraction')} of its {of}, never trained on)"
+    else:
+        where = "the files " + ", ".join(f"`{f}`" for f in source or [])
+    return f"{protocol_sentence(p)} Held-out text: {where}; EOS only between documents."
 
 
 def consumer_uri(bucket_uri: str) -> str:
@@ -225,6 +241,8 @@ loram merge --adapter my-lora-full --out my-model   # the original the adapter n
 ```
 
 ## Held-out perplexity
+
+{protocol_note(m.eval)}
 
 | metric | value |
 |---|---|

@@ -370,8 +370,20 @@ class EvalConfig(_TextSource):
         description="Share of the corpus's tokens held out of training: whole documents in the order of their "
         "content hash, each while it fits in the share; unset: corpus.heldout_fraction, a share of documents.",
     )
-    blocks: int | None = Field(None, ge=1, description="Blocks scored; unset: corpus.eval_blocks.")
-    seq_len: int | None = Field(None, ge=16, description="Tokens per block; unset: corpus.seq_len.")
+    blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out stream length in windows of seq_len tokens; unset: corpus.eval_blocks.",
+    )
+    seq_len: int | None = Field(
+        None, ge=16, description="Tokens per window (the context); unset: corpus.seq_len."
+    )
+    stride: int | None = Field(
+        None,
+        ge=1,
+        description="Tokens between window starts, at most seq_len: overlapping windows, each scoring only its "
+        "last `stride` tokens (HF's perplexity guide); unset: non-overlapping windows (SparseGPT, Wanda, lm-eval).",
+    )
 
 
 class AlignConfig(_Section):
@@ -543,9 +555,22 @@ class VerifyConfig(_Section):
     """
 
     enabled: bool = False
-    words: int = Field(5, ge=2, le=32, description="Words per task prompt (the response reverses them).")
-    train_examples: int = Field(512, ge=8, description="Task examples from the corpus's training documents.")
-    heldout_examples: int = Field(64, ge=8, description="Task examples from its held-out documents (scored).")
+    task: Literal["reverse-words", "continue"] = Field(
+        "reverse-words",
+        description="`reverse-words`: reverse `words` words of a paragraph; `continue`: give the `response_words` "
+        "words that follow `words` words of a paragraph (unseen text: the model's knowledge of the language counts).",
+    )
+    words: int = Field(5, ge=2, le=64, description="Words per task prompt.")
+    response_words: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Words per response of the `continue` task (`reverse-words` answers with `words`).",
+    )
+    train_examples: int = Field(512, ge=8, description="Task examples from the corpus's training paragraphs.")
+    heldout_examples: int = Field(
+        64, ge=8, description="Task examples from its held-out paragraphs, none seen in training (scored)."
+    )
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling alpha / r).")
     target_modules: list[LoraTarget] = Field(
@@ -561,7 +586,16 @@ class VerifyConfig(_Section):
         "auto", description="`loram recover`'s mode: auto is zeroA (structured) or dense (sparse)."
     )
     reference: bool = Field(True, description="Also train the LoRA on the original itself (the upper bound).")
-    seed: int = 0
+    seeds: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="LoRAs per row, seeded seed, seed+1, ...: each row reports the mean and the sample standard "
+        "deviation over them.",
+    )
+    seed: int = Field(
+        0, description="First LoRA seed (init and batch order), and the seed choosing the task examples."
+    )
 
 
 class RunContext(_Section):
@@ -626,6 +660,16 @@ class PipelineConfig(_Section):
             self.calibration.samples = old
         if self.prune.calib_samples != self.calibration.samples:
             self.prune.calib_samples = self.calibration.samples
+        return self
+
+    @model_validator(mode="after")
+    def _stride_fits_the_window(self) -> PipelineConfig:
+        window = self.eval.seq_len or self.corpus.seq_len
+        if self.eval.stride is not None and self.eval.stride > window:
+            raise ValueError(
+                f"eval.stride={self.eval.stride} is longer than the window (eval.seq_len, else corpus.seq_len: "
+                f"{window}); use a stride of at most {window}, or unset it for non-overlapping windows"
+            )
         return self
 
     @property

@@ -112,18 +112,72 @@ def _format_of(files: list[str], declared: str) -> str:
     return kinds.pop()
 
 
-def read_documents(files: list[str], fmt: str = "auto", text_field: str = "text") -> list[str]:
-    """Read documents with `datasets`: a paragraph of a text file, or one record's `text_field`."""
+@dataclass(frozen=True)
+class Document:
+    """One document of the corpus: a jsonl/parquet record, or a whole text file.
+
+    `parts` are what the held-out split decides on, each by its own content: a record is one part;
+    a text file's parts are its paragraphs, its text cut at blank lines (`"\\n\\n"`, exactly where
+    `datasets`' paragraph reader cuts it; blank parts dropped). A split's text of a document is its
+    parts of that split joined by `"\\n\\n"` again, so a text file none of which is held out reads as
+    written: its newlines kept, no EOS inside it.
+    """
+
+    parts: tuple[str, ...]
+
+    def text(self, keep: list[bool] | None = None) -> str:
+        """The document's text, or the text of the parts where `keep` is true, as written."""
+        parts = self.parts if keep is None else [p for p, k in zip(self.parts, keep, strict=True) if k]
+        return PARAGRAPH.join(parts)
+
+
+PARAGRAPH = "\n\n"  # what separates the paragraphs of a text file (the held-out unit of a text file)
+
+
+def read_documents(files: list[str], fmt: str = "auto", text_field: str = "text") -> list[Document]:
+    """Read documents with `datasets`: each text file whole (its paragraphs as parts), or each record's `text_field`.
+
+    Raises:
+        ConfigError: the format cannot be told from the file names, or `text_field` is no column.
+    """
     from datasets import load_dataset  # heavy import; only the steps that read text pay for it
 
     fmt = _format_of(files, fmt)
-    kwargs = {"sample_by": "paragraph"} if fmt == "text" else {}
-    ds = load_dataset(fmt, data_files=files, split="train", **kwargs)
-    if text_field not in ds.column_names:
-        raise ConfigError(
-            f"corpus.text_field={text_field!r} is not a column of {files[0]!r}; columns are {ds.column_names}."
-        )
-    return [t for t in ds[text_field] if t and t.strip()]
+    if fmt == "text":  # one row per file, its text as written (universal newlines)
+        ds = load_dataset("text", data_files=files, split="train", sample_by="document")
+        texts = [t.split(PARAGRAPH) for t in ds["text"]]
+    else:
+        ds = load_dataset(fmt, data_files=files, split="train")
+        if text_field not in ds.column_names:
+            raise ConfigError(
+                f"corpus.text_field={text_field!r} is not a column of {files[0]!r}; columns are {ds.column_names}."
+            )
+        texts = [[t] for t in ds[text_field] if t is not None]
+    docs = [Document(tuple(p for p in parts if p.strip())) for parts in texts]
+    return [d for d in docs if d.parts]
+
+
+def parts_of(docs: list[Document]) -> list[str]:
+    """Every document's parts, in order: what `split_flags` decides on."""
+    return [p for d in docs for p in d.parts]
+
+
+def split_texts(docs: list[Document], flags: list[bool]) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): each document's parts of that split, joined as written.
+
+    `flags` holds one held-out flag per part (`parts_of(docs)` order). A document with no part in a
+    split gives no text there, so EOS (added between texts when packed) stays between real documents.
+    """
+    train, held = [], []
+    i = 0
+    for d in docs:
+        f = flags[i : i + len(d.parts)]
+        i += len(d.parts)
+        if not all(f):
+            train.append(d.text([not x for x in f]))
+        if any(f):
+            held.append(d.text(f))
+    return train, held
 
 
 def files_fingerprint(files: list[str]) -> str:
@@ -138,44 +192,52 @@ def files_fingerprint(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def tokenize(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Token ids of each document (no special tokens), tokenized in batches of 1000 documents."""
+def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of each text (no special tokens), each text tokenized whole, 1000 texts a batch.
+
+    A text file is one text, tokenized as one string, as the references tokenize WikiText's test
+    split (`"\\n\\n".join(...)`), so its paragraph breaks are tokens of the stream, not EOS.
+    """
     rows: list[list[int]] = []
-    for batch_start in range(0, len(docs), 1000):
-        rows += tokenizer(docs[batch_start : batch_start + 1000], add_special_tokens=False)["input_ids"]
+    for batch_start in range(0, len(texts), 1000):
+        batch = texts[batch_start : batch_start + 1000]
+        # verbose=False: a whole file is longer than the model's context, which is expected here.
+        rows += tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
     return rows
 
 
 def pack_ids(rows: list[list[int]], eos: int, seq_len: int, key: str = "corpus.seq_len") -> torch.Tensor:
-    """Join token rows with `eos` after each and cut the stream into blocks.
+    """Join token rows (one per document) with `eos` between them and cut the stream into blocks.
 
     Returns:
-        int32 tensor `[num_blocks, seq_len]`; the tail shorter than a block is dropped.
+        int32 tensor `[num_blocks, seq_len]`: consecutive windows of the stream; the tail shorter
+        than a block is dropped.
     """
     ids: list[int] = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        if i:
+            ids.append(eos)
         ids += row
-        ids.append(eos)
     n = len(ids) // seq_len
     if n == 0:
         raise ConfigError(f"the corpus holds {len(ids)} tokens, fewer than one block of {key}={seq_len}.")
     return torch.tensor(ids[: n * seq_len], dtype=torch.int32).view(n, seq_len)
 
 
-def pack(docs: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
-    """Tokenize documents, join them with EOS and cut the stream into blocks.
+def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> torch.Tensor:
+    """Tokenize texts (one per document), join them with EOS between them and cut the stream into blocks.
 
     Returns:
         int32 tensor `[num_blocks, seq_len]`; the tail shorter than a block is dropped.
     """
-    return pack_ids(tokenize(docs, tokenizer), tokenizer.eos_token_id, seq_len)
+    return pack_ids(tokenize(texts, tokenizer), tokenizer.eos_token_id, seq_len)
 
 
 def is_heldout(doc: str, fraction: float) -> bool:
-    """Whether a document belongs to the held-out split: decided by its content hash alone.
+    """Whether a part (paragraph or record) belongs to the held-out split: decided by its content hash alone.
 
     The rule depends on nothing but the text, so the demo base's pretraining, alignment and every
-    evaluation agree on which documents were never trained on, whatever their block length or seed.
+    evaluation agree on which text was never trained on, whatever their block length or seed.
     """
     h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "little")
     return h / 2**64 < fraction
@@ -197,7 +259,7 @@ def heldout_by_tokens(docs: list[str], token_counts: list[int], fraction: float)
 
     Args:
         docs: the documents.
-        token_counts: tokens of each document (as packed: EOS included).
+        token_counts: tokens of each document (part).
         fraction: share of the tokens to hold out, 0 < fraction < 1.
 
     Returns:
@@ -221,10 +283,10 @@ def heldout_by_tokens(docs: list[str], token_counts: list[int], fraction: float)
 
 @dataclass
 class Blocks:
-    """Packed corpus, split by document into a training and a held-out part."""
+    """Packed corpus, split by part (paragraph or record) into a training and a held-out part."""
 
     train: torch.Tensor  # int32 [n_train, seq_len], in a seeded shuffled order
-    heldout: torch.Tensor  # int32 [n_heldout, seq_len]
+    heldout: torch.Tensor  # int32 [n_heldout, seq_len], consecutive windows of the held-out stream
 
     @property
     def train_tokens(self) -> int:
@@ -233,7 +295,7 @@ class Blocks:
 
 
 def make_blocks(
-    docs: list[str],
+    docs: list[Document],
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     heldout_fraction: float,
@@ -242,35 +304,51 @@ def make_blocks(
     eval_blocks: int | None = None,
     heldout_unit: Literal["documents", "tokens"] = "documents",
 ) -> Blocks:
-    """Split documents into train/held-out, pack each, shuffle the training blocks, apply the budget.
+    """Split the documents' parts into train/held-out, pack each split, shuffle the training blocks, apply the budget.
 
-    `heldout_unit` says what `heldout_fraction` is a share of: `documents` (each held out by its
-    content hash alone: `is_heldout`) or `tokens` (`heldout_by_tokens`).
+    Each split is a token stream: per document, its parts of that split joined as written
+    (`split_texts`), tokenized whole, with EOS between documents. `heldout_unit` says what
+    `heldout_fraction` is a share of: parts (each held out by its content hash alone:
+    `is_heldout`) or `tokens` (`heldout_by_tokens`).
+
+    Raises:
+        ConfigError: nothing is held out, or a split holds less than one block.
     """
-    rows = tokenize(docs, tokenizer)
-    held = split_flags(docs, rows, heldout_fraction, heldout_unit)
-    if not any(held):
+    flags = split_flags(parts_of(docs), heldout_fraction, heldout_unit, tokenizer)
+    if not any(flags):
         raise ConfigError(
-            f"corpus.heldout_fraction={heldout_fraction} holds out none of the {len(docs)} documents; raise it."
+            f"corpus.heldout_fraction={heldout_fraction} holds out none of the {len(flags)} paragraphs and "
+            "records of the corpus; raise it."
         )
+    train_texts, held_texts = split_texts(docs, flags)
     eos = tokenizer.eos_token_id
-    train = pack_ids([r for r, h in zip(rows, held, strict=True) if not h], eos, seq_len)
+    train = pack_ids(tokenize(train_texts, tokenizer), eos, seq_len)
     train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))]
     if max_tokens is not None:
         train = train[: max(1, max_tokens // seq_len)]
-    heldout = pack_ids([r for r, h in zip(rows, held, strict=True) if h], eos, seq_len)
+    heldout = pack_ids(tokenize(held_texts, tokenizer), eos, seq_len)
     if eval_blocks is not None:
         heldout = heldout[:eval_blocks]
     return Blocks(train=train.contiguous(), heldout=heldout.contiguous())
 
 
 def split_flags(
-    docs: list[str], rows: list[list[int]], fraction: float, unit: Literal["documents", "tokens"]
+    parts: list[str],
+    fraction: float,
+    unit: Literal["documents", "tokens"],
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[bool]:
-    """Which documents are held out: by content hash alone (`documents`) or up to a share of tokens."""
+    """Which parts (paragraphs, records) are held out: by content hash alone, or up to a share of tokens.
+
+    The one rule of the whole pipeline: the demo base's pretraining, the corpus blocks (alignment,
+    calibration, evaluation) and verification's task all split with it. `tokens` counts each part's
+    tokens (`tokenizer` needed).
+    """
     if unit == "tokens":
-        return heldout_by_tokens(docs, [len(r) + 1 for r in rows], fraction)
-    return [is_heldout(d, fraction) for d in docs]
+        if tokenizer is None:
+            raise ValueError("the tokens rule counts tokens: pass the tokenizer")
+        return heldout_by_tokens(parts, [len(r) for r in tokenize(parts, tokenizer)], fraction)
+    return [is_heldout(p, fraction) for p in parts]
 
 
 def save_blocks(path: str | Path, blocks: Blocks, metadata: dict[str, str]) -> None:

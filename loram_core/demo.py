@@ -22,7 +22,7 @@ from loram_core.config import AlignConfig, BaseConfig, CorpusConfig, DemoBaseCon
 from loram_core.data import demo_corpus_file, files_fingerprint, make_blocks, read_documents
 
 # Bump when the recipe below changes, so caches built by older code are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
 
@@ -101,7 +101,7 @@ def build_demo_base(
     d = base.demo
     torch.manual_seed(d.seed)
     docs = read_documents([str(demo_corpus_file(base.cache_dir))], "text")
-    tokenizer = train_tokenizer(docs, d.vocab_size)
+    tokenizer = train_tokenizer([doc.text() for doc in docs], d.vocab_size)
     blocks = make_blocks(
         docs, tokenizer, d.seq_len, corpus.heldout_fraction, seed=d.seed, heldout_unit=heldout_unit
     )

@@ -18,16 +18,20 @@ from transformers import PreTrainedTokenizerBase
 
 from loram_core.config import PipelineConfig
 from loram_core.data import (
+    Document,
     files_fingerprint,
     load_blocks,
     pack_ids,
+    parts_of,
     read_documents,
     resolve_files,
     resolve_patterns,
     split_flags,
+    split_texts,
     tokenize,
 )
 from loram_core.errors import ConfigError
+from loram_core.evaluate import protocol
 
 
 @dataclass
@@ -39,7 +43,10 @@ class TextBlocks:
 
 
 def heldout_rule(cfg: PipelineConfig) -> tuple[float, Literal["documents", "tokens"]]:
-    """What the corpus holds out: `eval.heldout_fraction` of its tokens, else `corpus.heldout_fraction` of its documents."""
+    """What the corpus holds out: `eval.heldout_fraction` of its tokens, else `corpus.heldout_fraction` of its parts.
+
+    Parts are paragraphs of text files and records of jsonl/parquet (`data.Document`).
+    """
     if cfg.eval.heldout_fraction is not None:
         return cfg.eval.heldout_fraction, "tokens"
     return cfg.corpus.heldout_fraction, "documents"
@@ -54,16 +61,41 @@ def block_hashes(blocks: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> di
     return {"tokens_sha256": tokens, "text_sha256": text.hexdigest()}
 
 
-def _corpus_split(
-    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, heldout: bool
-) -> tuple[list[list[int]], list[str]]:
-    """Token rows of the corpus's training (or held-out) documents, split as `prepare_corpus` splits them."""
+@dataclass
+class CorpusSplit:
+    """The corpus as read, and which of its parts (paragraphs, records) are held out."""
+
+    files: list[str]
+    docs: list[Document]
+    flags: list[bool]  # one per part, in `parts_of(docs)` order: held out?
+
+    def texts(self, heldout: bool) -> list[str]:
+        """Each document's text of one split, joined as written (`data.split_texts`)."""
+        return split_texts(self.docs, self.flags)[1 if heldout else 0]
+
+    def parts(self, heldout: bool) -> list[str]:
+        """The parts of one split, in order."""
+        return [p for p, h in zip(parts_of(self.docs), self.flags, strict=True) if h == heldout]
+
+
+def corpus_split(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> CorpusSplit:
+    """Read the corpus and split it by `heldout_rule`: the split every step uses (one rule, one place).
+
+    `prepare_corpus` packs it, calibration and evaluation of other lengths re-pack it, verification
+    builds its task sets from it, and the demo base pretrains on its training side.
+    """
     files = resolve_files(cfg.corpus, cfg.base.cache_dir)
     docs = read_documents(files, cfg.corpus.format, cfg.corpus.text_field)
-    rows = tokenize(docs, tokenizer)
     fraction, unit = heldout_rule(cfg)
-    flags = split_flags(docs, rows, fraction, unit)
-    return [r for r, h in zip(rows, flags, strict=True) if h == heldout], files
+    return CorpusSplit(files, docs, split_flags(parts_of(docs), fraction, unit, tokenizer))
+
+
+def _corpus_rows(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, heldout: bool
+) -> tuple[list[list[int]], list[str]]:
+    """Token rows (one per document) of the corpus's training (or held-out) split, as `prepare_corpus` splits it."""
+    split = corpus_split(cfg, tokenizer)
+    return tokenize(split.texts(heldout), tokenizer), split.files
 
 
 def _own_files(
@@ -75,7 +107,7 @@ def _own_files(
     key: str,
 ) -> tuple[list[list[int]], list[str]]:
     files = resolve_patterns(patterns, cfg.base.cache_dir, key)
-    return tokenize(read_documents(files, fmt, text_field), tokenizer), files
+    return tokenize([d.text() for d in read_documents(files, fmt, text_field)], tokenizer), files
 
 
 def _shuffled(blocks: torch.Tensor, seed: int | None) -> torch.Tensor:
@@ -119,7 +151,7 @@ def calibration_blocks(
         files = resolve_files(cfg.corpus, cfg.base.cache_dir)
     else:
         if c.source == "corpus":
-            rows, files = _corpus_split(cfg, tokenizer, heldout=False)
+            rows, files = _corpus_rows(cfg, tokenizer, heldout=False)
             seed = cfg.corpus.seed if c.seed is None else c.seed
         else:
             rows, files = _own_files(c.source, c.format, c.text_field, cfg, tokenizer, "calibration.source")
@@ -138,11 +170,13 @@ def calibration_blocks(
 
 
 def eval_blocks(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, corpus_blocks: str) -> TextBlocks:
-    """The held-out blocks every model is scored on: `eval.blocks` blocks of `eval.seq_len` tokens.
+    """The held-out stream every model is scored on: `eval.blocks` windows of `eval.seq_len` tokens.
 
     From the corpus: its held-out split (what `heldout_rule` holds out, never trained on), in
-    document order; from files: their text from the start. With the defaults these are exactly the
-    corpus's held-out blocks.
+    document order, each text file's held-out paragraphs joined as written; from files: their text
+    from the start, each file whole. EOS only between documents. The rows are consecutive windows
+    of one stream (`evaluate.perplexity` scores them by the windowed protocol; `info["protocol"]`
+    says how many windows and tokens). With the defaults these are exactly the corpus's held-out blocks.
 
     Raises:
         ConfigError: a file is missing or unreadable, or the text is shorter than one block.
@@ -155,12 +189,13 @@ def eval_blocks(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, corpus_
         files = resolve_files(cfg.corpus, cfg.base.cache_dir)
     else:
         if e.source == "corpus":
-            rows, files = _corpus_split(cfg, tokenizer, heldout=True)
+            rows, files = _corpus_rows(cfg, tokenizer, heldout=True)
         else:
             rows, files = _own_files(e.source, e.format, e.text_field, cfg, tokenizer, "eval.source")
         blocks = pack_ids(rows, tokenizer.eos_token_id, seq_len, "eval.seq_len")[:n]
     blocks = blocks.contiguous()
     info = _describe(e.source, files, blocks, tokenizer)
+    info["protocol"] = protocol(blocks.numel(), seq_len, e.stride)
     if e.source == "corpus":
         fraction, unit = heldout_rule(cfg)
         info["heldout"] = {"fraction": fraction, "of": unit}

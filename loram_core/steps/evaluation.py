@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from safetensors.torch import load_file
 
@@ -15,6 +16,10 @@ from loram_core.prune import plan
 from loram_core.sizes import size_summary
 from loram_core.steps._common import commit, compute_device, step_dir, tmp_for
 from loram_core.steps.inputs import prepare_eval
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 
 def evaluate(
@@ -30,7 +35,8 @@ def evaluate(
     The original and the pruned model always; the aligned one when alignment ran (`cfg.runs`), and
     the 4-bit variant when given (`aligned_nf4_ppl`, or `pruned_nf4_ppl` without alignment). Models
     are scored one at a time on the run's device (bf16 on a GPU unless `evaluate.dtype` says
-    otherwise) on the `eval` blocks; the result records that device and the seconds each took.
+    otherwise; the 4-bit one's unquantized modules too) on the `eval` blocks; the result records
+    that device and the seconds each took.
 
     Returns:
         `{"metrics": {...ppl, "recovered", "heldout_tokens"}, "params": size summary, "compute": device facts}`.
@@ -48,7 +54,7 @@ def evaluate(
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     heldout = load_file(eval_file)["blocks"]
-    bs = cfg.evaluate.batch_size
+    bs, stride = cfg.evaluate.batch_size, cfg.eval.stride  # the windowed protocol (evaluate.windows)
     dtype = default_dtype(device, cfg.evaluate.dtype)
     metrics: dict = {}
     seconds: dict[str, float] = {}
@@ -57,21 +63,21 @@ def evaluate(
         models["aligned_ppl"] = aligned_dir
     for name, path in models.items():
         t0 = time.perf_counter()
-        metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs)
+        metrics[name] = perplexity(load_model(path, dtype=dtype).to(device), heldout, bs, stride)
         seconds[name] = round(time.perf_counter() - t0, 3)
     if nf4_dir is not None:
         name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
-        # The same dtype for the side modules (embeddings, norms, head) as the other models get;
-        # the 4-bit linears compute in their own compute dtype (`quantize.compute_dtype`).
-        metrics[name] = perplexity(load_model(nf4_dir, dtype=dtype, device_map=str(device)), heldout, bs)
+        metrics[name] = perplexity(
+            _nf4_in(load_model(nf4_dir, device_map=str(device)), dtype), heldout, bs, stride
+        )
         seconds[name] = round(time.perf_counter() - t0, 3)
     if aligned:
         damage = metrics["pruned_ppl"] - metrics["original_ppl"]
         metrics["recovered"] = (
             (metrics["pruned_ppl"] - metrics["aligned_ppl"]) / damage if damage > 0 else None
         )
-    metrics["heldout_tokens"] = heldout.numel()
+    metrics["heldout_tokens"] = heldout.numel()  # the stream; evaluate.protocol counts the scored ones
     p = plan(load_config(base_dir), cfg.prune).to_dict()
     published = aligned_dir if aligned else pruned_dir  # the files publish copies into model/
     params = size_summary(p, published, sparse=cfg.prune.strategy in SPARSE, nf4_dir=nf4_dir)
@@ -81,3 +87,16 @@ def evaluate(
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2))
     commit(tmp, out)
     return result
+
+
+def _nf4_in(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """The 4-bit model with its unquantized weights (embeddings, norms, head) in `dtype`, as the others are scored.
+
+    A pre-quantized checkpoint loads them in the dtype they were stored in whatever `dtype` asks for
+    (bfloat16 since model/ is published in 16 bits), so without this the NF4 row of a float32
+    evaluation had bf16 embeddings, norms and head. The 4-bit weights (uint8) are left as they are.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return model

@@ -91,7 +91,14 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
     """Tokenize and pack the corpus with the base model's tokenizer; returns the blocks file."""
     from transformers import AutoTokenizer
 
-    from loram_core.data import files_fingerprint, make_blocks, read_documents, resolve_files, save_blocks
+    from loram_core.data import (
+        files_fingerprint,
+        make_blocks,
+        parts_of,
+        read_documents,
+        resolve_files,
+        save_blocks,
+    )
     from loram_core.sources import heldout_rule
 
     c = cfg.corpus
@@ -121,6 +128,7 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
         "fingerprint": corpus_fp,
         "files": files,
         "documents": len(docs),
+        "parts": len(parts_of(docs)),  # paragraphs of text files, records: what the held-out rule splits
         "seq_len": c.seq_len,
         "train_tokens": blocks.train_tokens,
         "heldout_tokens": blocks.heldout.numel(),
@@ -131,8 +139,8 @@ def prepare_corpus(cfg: PipelineConfig, base_dir: str) -> str:
 
 
 def corpus_info(blocks_file: str | None) -> dict:
-    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, token counts);
-    `{"used": False}` for a run that read no corpus (`PipelineConfig.reads_corpus`)."""
+    """What `prepare_corpus` recorded about the corpus (fingerprint, files, documents, parts, token
+    counts); `{"used": False}` for a run that read no corpus (`PipelineConfig.reads_corpus`)."""
     if blocks_file is None:
         return {"used": False}
     return json.loads((Path(blocks_file).parent / "corpus.json").read_text())

@@ -1,13 +1,21 @@
 """The verification task: an instruction-style set made from the corpus, and its response-only loss.
 
-Each example shows a few consecutive words of a corpus document and asks for them in reverse
-order. The answer is a pure function of the prompt, so the set is exact and reproducible from the
-corpus bytes alone, and it is something a base model pretrained on prose does not do: after
-`Reversed:` it continues with text, not with the prompt's words backwards. A LoRA learns the format,
-to copy words from the prompt and (partly) their order, so its held-out loss falls far below the
-untuned model's. Training examples come from the corpus's training documents, held-out ones from
-its held-out documents (the same content-hash split as alignment and evaluation), so the scored
-prompts are text no step ever trained on.
+Two tasks, both exact and reproducible from the corpus bytes alone:
+
+- `reverse-words`: a prompt shows `words` consecutive words of a paragraph and asks for them in
+  reverse order. The answer is a pure function of the prompt (copying, with the order changed), so
+  it tests what the LoRA learned more than what the model knew.
+- `continue`: a prompt shows `words` consecutive words of a held-out paragraph and asks for the
+  next `response_words`. The format is new to a base model pretrained on prose (after
+  `Continuation:` it does not carry on the quoted text), so a LoRA must learn it; the answer is
+  unseen text, so the loss also measures how well the model knows the language of the corpus:
+  what the original's pruned layers held and the small model lacks.
+
+Training examples come from the corpus's training paragraphs and held-out ones from its held-out
+paragraphs, split by the very rule alignment and evaluation use (`sources.corpus_split`). A
+held-out candidate is dropped when its prompt's or its response's word window occurs anywhere in
+the text the pipeline trains on (the training documents as joined, and alignment's training
+windows), so no scored prompt was ever trained on, whatever repeats across the split.
 """
 
 from __future__ import annotations
@@ -22,13 +30,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from loram_core.data import is_heldout
 from loram_core.errors import LoramError
 
-TASK_NAME = "reverse-words"
+TASKS = ("reverse-words", "continue")
 IGNORE = -100  # label of tokens the loss skips (prompt and padding), as transformers' loss expects
-_WORD = re.compile(r"[A-Za-z]{3,12}")
-_WINDOWS_PER_DOC = 2  # at most this many prompts from one document, so the set spans many documents
+_WORD = re.compile(r"[A-Za-z]{3,12}")  # reverse-words: letters only, so the reversal is unambiguous
+_WINDOWS_PER_PART = 2  # at most this many examples from one paragraph, so the set spans many paragraphs
 
 
 @dataclass(frozen=True)
@@ -40,56 +47,114 @@ class Example:
 
 
 def make_example(words: list[str]) -> Example:
-    """The task on `words`: the prompt lists them, the response gives them in reverse order."""
+    """`reverse-words` on `words`: the prompt lists them, the response gives them in reverse order."""
     return Example(f"Reverse the words: {' '.join(words)}\nReversed:", " " + " ".join(reversed(words)))
 
 
-def _windows(doc: str, words: int) -> list[list[str]]:
-    found = _WORD.findall(doc)
-    return [found[i : i + words] for i in range(0, len(found) - words + 1, words)][:_WINDOWS_PER_DOC]
+def continue_example(prompt: list[str], response: list[str]) -> Example:
+    """`continue`: the prompt quotes `prompt` (words of a paragraph), the response is the words that follow."""
+    return Example(f"Continue the text: {' '.join(prompt)}\nContinuation:", " " + " ".join(response))
+
+
+def words_of(text: str, task: str) -> list[str]:
+    """The task's words of a text: letter runs (`reverse-words`) or whitespace-separated tokens (`continue`)."""
+    return _WORD.findall(text) if task == "reverse-words" else text.split()
+
+
+def _windows(
+    words: list[str], task: str, n_prompt: int, n_response: int
+) -> list[tuple[list[str], list[str]]]:
+    """(prompt words, response words) of the first non-overlapping windows of one paragraph."""
+    size = n_prompt + (n_response if task == "continue" else 0)
+    out = []
+    for i in range(0, len(words) - size + 1, size):
+        w = words[i : i + size]
+        out.append((w[:n_prompt], w[n_prompt:] if task == "continue" else list(reversed(w))))
+    return out[:_WINDOWS_PER_PART]
+
+
+def _example(task: str, prompt: list[str], response: list[str]) -> Example:
+    return make_example(prompt) if task == "reverse-words" else continue_example(prompt, response)
+
+
+def _ngrams(words: list[str], n: int) -> set[str]:
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class TaskSource:
+    """The corpus text the task is built from, split as every step splits it.
+
+    `training_text` is everything the pipeline trains on, as strings: the training documents as
+    packed and alignment's training windows decoded; held-out candidates seen there are dropped.
+    """
+
+    train_parts: list[str]
+    heldout_parts: list[str]
+    training_text: list[str]
 
 
 def make_task(
-    docs: list[str],
+    source: TaskSource,
     words: int,
     train_examples: int,
     heldout_examples: int,
-    heldout_fraction: float,
     seed: int,
-) -> tuple[list[Example], list[Example]]:
-    """Build the (train, held-out) task sets from documents, deterministically.
+    task: str = "reverse-words",
+    response_words: int = 8,
+) -> tuple[list[Example], list[Example], dict]:
+    """Build the (train, held-out) task sets from the split corpus, deterministically.
 
     Args:
-        docs: the corpus documents, in file order.
+        source: training and held-out paragraphs, and the text training saw (for de-duplication).
         words: words per prompt.
         train_examples / heldout_examples: how many examples of each split to keep.
-        heldout_fraction: the corpus's held-out share (`corpus.heldout_fraction`): a document is
-            held out by its content hash, as everywhere else in the pipeline.
         seed: which examples are kept (a seeded shuffle of all candidate windows).
+        task: `reverse-words` or `continue`.
+        response_words: words per response of `continue` (`reverse-words` answers with `words`).
+
+    Returns:
+        (training examples, held-out examples, counts: candidates and how many were dropped as seen).
 
     Raises:
         LoramError: the corpus yields fewer examples than asked for (naming the key to lower).
     """
-    splits: dict[bool, list[Example]] = {False: [], True: []}
-    for doc in docs:
-        held = is_heldout(doc, heldout_fraction)
-        splits[held] += [make_example(w) for w in _windows(doc, words)]
+    n_response = response_words if task == "continue" else words
+    train_pool = [_example(task, p, r) for part in source.train_parts
+                  for p, r in _windows(words_of(part, task), task, words, n_response)]  # fmt: skip
+    seen: set[str] = set()
+    for text in source.training_text:
+        found = words_of(text, task)
+        seen |= _ngrams(found, words) | _ngrams(found, n_response)
+    held_pool: list[Example] = []
+    candidates, dropped = 0, 0
+    prompts: set[str] = set()
+    for part in source.heldout_parts:
+        for p, r in _windows(words_of(part, task), task, words, n_response):
+            candidates += 1
+            if " ".join(p) in seen or " ".join(r) in seen:
+                dropped += 1
+                continue
+            example = _example(task, p, r)
+            if example.prompt not in prompts:
+                prompts.add(example.prompt)
+                held_pool.append(example)
     rng = random.Random(seed)
     out = []
-    for held, want, key in (
-        (False, train_examples, "train_examples"),
-        (True, heldout_examples, "heldout_examples"),
+    for pool, want, key, split in (
+        (train_pool, train_examples, "train_examples", "training"),
+        (held_pool, heldout_examples, "heldout_examples", "held-out"),
     ):
-        pool = splits[held]
         if len(pool) < want:
-            split = "held-out" if held else "training"
             raise LoramError(
-                f"verify.{key}={want}, but the corpus's {split} documents yield only {len(pool)} task "
-                f"examples of verify.words={words} words; lower verify.{key} or verify.words, or use a larger corpus."
+                f"verify.{key}={want}, but the corpus's {split} paragraphs yield only {len(pool)} task examples "
+                f"of verify.words={words} words (held-out ones never seen in training); lower verify.{key} or "
+                "verify.words, or use a larger corpus."
             )
         rng.shuffle(pool)
         out.append(pool[:want])
-    return out[0], out[1]
+    counts = {"heldout_candidates": candidates, "heldout_seen_in_training": dropped}
+    return out[0], out[1], counts
 
 
 def task_fingerprint(examples: list[Example]) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loram_core.config import CorpusConfig
-from loram_core.data import is_heldout, make_blocks, pack, read_documents, resolve_files
+from loram_core.data import Document, is_heldout, make_blocks, pack, read_documents, resolve_files
 from loram_core.errors import ConfigError
 from tests.conftest import tiny_tokenizer
 
@@ -15,17 +15,26 @@ def char_tokenizer():
     return tiny_tokenizer()
 
 
-def test_text_jsonl_and_parquet_read_the_same_documents(tmp_path: Path) -> None:
+def test_text_jsonl_and_parquet_read_the_same_paragraphs(tmp_path: Path) -> None:
+    """A text file is one document whose parts are its paragraphs and whose text is the file as written;
+    a jsonl/parquet record is a document of one part (HEAD read a text file as 3 separate documents)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = ["first doc line one\\nline two", "second doc", "third doc"]
-    (tmp_path / "c.txt").write_text("\n\n".join(d.replace("\\n", "\n") for d in docs) + "\n")
+    docs = ["first doc line one\nline two", "second doc", "third doc"]
+    text = "\n\n".join(docs) + "\n"
+    (tmp_path / "c.txt").write_text(text)
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs))
     pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
-    assert len(read_documents([str(tmp_path / "c.txt")])) == 3
-    assert read_documents([str(tmp_path / "c.jsonl")], text_field="body") == docs
-    assert read_documents([str(tmp_path / "c.parquet")], text_field="body") == docs
+    (txt,) = read_documents([str(tmp_path / "c.txt")])
+    assert txt.text() == text and txt.parts == (docs[0], docs[1], docs[2] + "\n")
+    assert (
+        txt.text([True, False, True]) == docs[0] + "\n\n" + docs[2] + "\n"
+    )  # kept paragraphs, joined as written
+    assert read_documents([str(tmp_path / "c.jsonl")], text_field="body") == [Document((d,)) for d in docs]
+    assert read_documents([str(tmp_path / "c.parquet")], text_field="body") == [Document((d,)) for d in docs]
+    two = read_documents([str(tmp_path / "c.txt"), str(tmp_path / "c.txt")])
+    assert [d.text() for d in two] == [text, text]  # separate files: separate documents (EOS between them)
     with pytest.raises(ConfigError, match="corpus.text_field='text' is not a column"):
         read_documents([str(tmp_path / "c.jsonl")])
 
@@ -61,8 +70,9 @@ def test_heldout_split_depends_on_content_only(char_tokenizer) -> None:
     docs = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(40)) for _ in range(200)]
     held = {d for d in docs if is_heldout(d, 0.1)}
     assert 5 < len(held) < 40
-    a = make_blocks(docs, char_tokenizer, 16, 0.1, seed=0)
-    b = make_blocks(list(reversed(docs)), char_tokenizer, 16, 0.1, seed=1, max_tokens=160)
+    records = [Document((d,)) for d in docs]
+    a = make_blocks(records, char_tokenizer, 16, 0.1, seed=0)
+    b = make_blocks(list(reversed(records)), char_tokenizer, 16, 0.1, seed=1, max_tokens=160)
     assert a.heldout.shape[1] == 16 and b.train.shape == (10, 16)
     train_text = {tuple(r) for r in a.train.tolist()}
     assert not train_text & {tuple(r) for r in a.heldout.tolist()}

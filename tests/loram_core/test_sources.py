@@ -12,7 +12,15 @@ import torch
 
 from loram_core import steps
 from loram_core.config import load_config
-from loram_core.data import heldout_by_tokens, is_heldout, load_blocks, make_blocks, pack_ids, tokenize
+from loram_core.data import (
+    Document,
+    heldout_by_tokens,
+    is_heldout,
+    load_blocks,
+    make_blocks,
+    pack_ids,
+    tokenize,
+)
 from loram_core.errors import ConfigError
 from loram_core.sizes import size_rows, size_summary, stored_sizes
 from loram_core.sources import block_hashes, calibration_blocks, eval_blocks
@@ -41,8 +49,9 @@ def test_heldout_fraction_in_tokens_holds_out_that_share_of_tokens() -> None:
     documents rule holds out 3.76% of the tokens, the token rule 4.999%."""
     tok = tiny_tokenizer()
     docs = _skewed_docs()
-    by_docs = make_blocks(docs, tok, 16, 0.05)
-    by_tokens = make_blocks(docs, tok, 16, 0.05, heldout_unit="tokens")
+    records = [Document((d,)) for d in docs]
+    by_docs = make_blocks(records, tok, 16, 0.05)
+    by_tokens = make_blocks(records, tok, 16, 0.05, heldout_unit="tokens")
 
     def share(b) -> float:
         return b.heldout.numel() / (b.heldout.numel() + b.train.numel())
@@ -135,7 +144,7 @@ def test_calibration_from_a_file_takes_its_first_tokens_in_order(user_run, tmp_p
     assert calib.info["text_sha256"] == hashlib.sha256(text.encode()).hexdigest()
     too_many, _, _ = user_run(f"calibration.source={calib_file}", "calibration.text_field=body",
                               "calibration.samples=1000", "calibration.seq_len=64")  # fmt: skip
-    n = sum(len(r) + 1 for r in tokenize(rows, tok)) // 64
+    n = (sum(len(r) for r in tokenize(rows, tok)) + len(rows) - 1) // 64  # EOS between the records
     with pytest.raises(
         ConfigError, match=rf"calibration.samples=1000 blocks of 64 tokens asked, but .* holds {n};"
     ):
