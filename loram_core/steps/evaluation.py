@@ -69,7 +69,7 @@ def evaluate(
         name = "aligned_nf4_ppl" if aligned else "pruned_nf4_ppl"
         t0 = time.perf_counter()
         metrics[name] = perplexity(
-            _nf4_in(load_model(nf4_dir, device_map=str(device)), dtype), heldout, bs, stride
+            _nf4_in(load_model(nf4_dir, dtype=dtype, device_map=str(device)), dtype), heldout, bs, stride
         )
         seconds[name] = round(time.perf_counter() - t0, 3)
     if aligned:
