@@ -137,7 +137,8 @@ def test_loram_run_prints_only_its_own_lines_and_the_log_file_has_the_rest(bucke
         ),
         re.compile(r"^(published|unchanged) file://\S+/demo-llama/\d{8}-\d{6}$"),  # where the version is
         re.compile(
-            r"^\s+size$|^\s+LoRA trained small, inferred large \(held-out task loss, lower is better\)$"
+            r"^\s+size$|^\s+LoRA trained small, inferred large \(held-out task loss, mean ± std over seeds, "
+            r"lower is better\)$"
         ),
         re.compile(r"^computed on cpu \(.+\)$"),
         re.compile(r"^(alignment recovered|pruning did no measurable damage).+"),

@@ -44,7 +44,8 @@ def test_alignment_off_scores_each_model_once_and_names_the_nf4_variant_pruned(t
     assert published["status"] == "published"
     local = tmp_path / "work" / "local-bucket"
     assert uri == f"file://{local.absolute()}/demo-llama/v1"
-    manifest = verify_version(f"file://{local}/demo-llama")
+    assert not (local / "demo-llama" / "LATEST").exists()  # publish.latest=auto: not for an unaligned version
+    manifest = verify_version(f"file://{local}/demo-llama/v1")
     assert manifest.align == {"enabled": False} and manifest.quantize["enabled"] is True
     assert {"model/config.json", "model-nf4/config.json", "masks/masks.safetensors"} <= {
         f.path for f in manifest.files
@@ -77,7 +78,7 @@ def test_a_prune_only_run_with_its_own_calibration_and_eval_text_never_reads_the
     assert set(evaluation["metrics"]) == {"original_ppl", "pruned_ppl", "heldout_tokens"}
     steps.publish(cfg, str(base), None, pruned, None, evaluation)
     assert not list((tmp_path / "work").glob("corpus-*"))  # no corpus step ran
-    manifest = verify_version(f"file://{tmp_path / 'work' / 'local-bucket'}/demo-llama")
+    manifest = verify_version(f"file://{tmp_path / 'work' / 'local-bucket'}/demo-llama/v1")
     assert manifest.corpus == {"used": False} and manifest.until == "prune"
     for flag in ("align", "corpus"):  # with alignment, or evaluation on the corpus, it is read again
         other = (
