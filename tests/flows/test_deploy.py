@@ -216,7 +216,9 @@ def test_deploy_and_a_worker_run_the_demo_from_a_schedule_and_publish(worker, tm
     assert state == "COMPLETED"
     assert verify_version(f"file://{tmp_path / 'bucket'}/demo-llama").version == "v1"
     run = _api(env, "GET", f"/flow_runs/{run_id}").json()
-    assert run["name"] == "demo random r=0.65 -> demo-llama" and "strategy:random" in run["tags"]
+    # named after what it makes and the version it pinned (ops.describe_run)
+    assert run["name"] == "demo random r=0.65, align 12 steps (12.3k tokens), NF4 -> demo-llama/v1"
+    assert "strategy:random" in run["tags"]
     arts = _api(env, "POST", "/artifacts/filter", json={"limit": 50, "offset": 0,
                 "artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()  # fmt: skip
     keys = {a["key"] for a in arts}
