@@ -69,19 +69,24 @@ def pull(
 def _check_pull_dest(uri: str, dest: Path, force: bool) -> None:
     """Refuse to replace a DEST that holds another version (or anything but a pull) without `--force`.
 
-    A DEST holding this very version is pulled again in place (files checked, missing ones fetched).
+    The version is resolved first, so a bucket's bad manifest or LATEST is refused for what it is
+    before the consumer's folder is looked at. A DEST holding this very version is pulled again in
+    place (files checked, missing ones fetched).
     """
     if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
         return
     from loram_core.bucket import resolve_version
     from loram_core.bucket.untrusted import MAX_MANIFEST_BYTES, parse_manifest
 
+    _, theirs = resolve_version(uri)
     held = dest / "manifest.json"
     if not dest.is_dir() or not held.is_file() or held.stat().st_size > MAX_MANIFEST_BYTES:
         return  # not a pull: `pull` itself refuses a DEST that is not empty and not an earlier pull
-    mine = parse_manifest(held.read_bytes(), str(held))
-    _, theirs = resolve_version(uri)
-    if (mine.name, mine.version) == (theirs.name, theirs.version) or force:
+    try:
+        mine = parse_manifest(held.read_bytes(), str(held))
+    except LoramError:
+        mine = None  # a manifest.json that is no version's: pull's own rule for a foreign DEST decides
+    if mine is None or (mine.name, mine.version) == (theirs.name, theirs.version) or force:
         return
     raise LoramError(
         f"{str(dest)!r} holds {mine.name}/{mine.version} (an earlier pull); pulling {theirs.name}/{theirs.version} "
