@@ -75,6 +75,7 @@ def publish(
             for name, src in variants.items()
         }
         remote_code["uniform"] = _uniform(staging / "model")
+        evaluation = {**evaluation, "params": _as_staged(evaluation["params"], staging)}
         manifest = _manifest(
             cfg, version, base_dir, blocks_file, aligned_dir, nf4_dir, evaluation, verification
         )
@@ -110,6 +111,17 @@ def stage_variant(src: Path, dst: Path, base_dir: Path, max_shard_size: int | st
     copy_variant(src, dst, max_shard_size, skip=("train_log.json",))
     carry_original_files(base_dir, dst)
     return make_loadable(dst)
+
+
+def _as_staged(params: dict, staging: Path) -> dict:
+    """`params` with the file sizes of the variants as staged: re-sharding rewrites each file's header,
+    so the step's checkpoint sizes are not the version's (the manifest and card state the version's)."""
+    from loram_core.sizes import stored_sizes
+
+    out = {**params, "stored_bytes": stored_sizes(staging / "model", count_nonzero=False)["stored_bytes"]}
+    if "nf4_stored_bytes" in params and (staging / "model-nf4").is_dir():
+        out["nf4_stored_bytes"] = stored_sizes(staging / "model-nf4", count_nonzero=False)["stored_bytes"]
+    return out
 
 
 def _uniform(model_dir: Path) -> bool:

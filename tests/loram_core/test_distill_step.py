@@ -42,9 +42,12 @@ def _align(**kw) -> AlignConfig:
 
 
 def test_cpt_keeps_the_key_it_had_before_distillation_existed() -> None:
-    """`align-5a8001efa48b0502` is what main at 43c056e (before `align.objective`) computed for the
-    demo preset's align section on these paths."""
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["workdir=/w"])
+    """`align-5a8001efa48b0502` is what main at 43c056e (before `align.objective`, and before
+    `align.eval_every`) computed for the demo preset's align section on these paths (the preset then
+    aligned 200 steps with 20 of warm-up)."""
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["workdir=/w", "align.steps=200", "align.warmup_steps=20"]
+    )
     args = ("/p/pruned", "/p/blocks.safetensors", "cpu", torch.bfloat16)
     assert fingerprint(alignment.align_key(cfg.align, *args)) == "5a8001efa48b0502"
     # Distillation keys and a base do not enter a cpt key; they do enter a kd one, with the teacher.
